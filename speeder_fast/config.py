@@ -1,0 +1,349 @@
+"""Configuration: one dataclass tree, loadable from TOML, overridable with ``--set a.b=c``.
+
+Every field has a default, so ``python -m speeder_fast.train`` with no arguments runs the
+embedded default (SmolLM2-135M on MovieLens-100K, paradigm ``speeder``). Each section is owned by
+one part of the library; a field's help text is the ``metadata["help"]`` entry, which the CLI
+prints with ``--help-config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("ml-100k", "dataset: 'ml-100k' (bundled via PyPI), a RecBole atomic folder "
+                     "(NAME.inter/NAME.item), or a folder of raw Amazon 2018 (*.json[.gz]) / 2023 (*.jsonl[.gz]) files")
+    user_kcore: int = _f(5, "drop users with fewer interactions (iterated with item_kcore until stable; 0 = off)")
+    item_kcore: int = _f(5, "drop items with fewer interactions (0 = off)")
+    drop_consecutive_duplicates: bool = _f(False, "drop an event whose item equals the user's previous item")
+    max_history: int = _f(10, "max history items per example (sliding-window length H)")
+    n_candidates: int = _f(20, "candidates per evaluation example (target + N-1 never-interacted items)")
+    seed: int = _f(42, "seed for candidate sampling (persisted) and training candidates (per epoch)")
+    max_users: int = _f(0, "keep only the first N users after filtering (0 = all); a documented subset")
+    max_train_examples: int = _f(0, "cap on sliding-window training examples (0 = all; keeps the most recent)")
+    min_user_events: int = _f(3, "users with fewer events after filtering are skipped (leave-one-out needs 3)")
+    cache_dir: str = _f("", "processed-data cache (default $SPEEDER_CACHE/data)")
+
+
+@dataclass
+class FeatureConfig:
+    modalities: list = _f(["text", "collab"], "modalities to use: any of text, image, collab")
+    text_encoder: str = _f("llm", "'llm' (mean of the LLM input embeddings) or a sentence-encoder path/HF id")
+    text_template: str = _f("{title}. {brand}. {categories}. {description}",
+                            "item text template; fields: title, description, brand, categories, any extra field")
+    text_max_tokens: int = _f(128, "max tokens of item text fed to the text encoder")
+    image_source: str = _f("", "folder of images named by item id, a CSV item_id,path, or a .npy/.safetensors feature file")
+    image_encoder: str = _f("", "CLIP vision encoder path/HF id for image files")
+    sasrec_epochs: int = _f(30, "SASRec training epochs for the collaborative modality")
+    sasrec_dim: int = _f(64, "SASRec hidden size")
+    store_dtype: str = _f("float16", "feature store dtype: float16 or float32")
+
+
+@dataclass
+class ModelConfig:
+    llm: str = _f("smollm2-135m", "HF causal-LM id or local path; 'smollm2-135m' = the offline bundled asset")
+    precision: str = _f("fp32", "fp32 | bf16 | nf4 (QLoRA: 4-bit NF4 base, double quantization)")
+    lora_r: int = _f(8, "LoRA rank (0 = no LoRA, base frozen)")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                            "module names LoRA adapts")
+    n_item_tokens: int = _f(1, "k: soft tokens per item (MRC)")
+    expert_hidden: int = _f(256, "hidden size of each modality expert MLP")
+    per_token_gate: bool = _f(False, "one gate per item token (k > 1) instead of one per item")
+    spae_absolute: bool = _f(True, "SPAE: add learned absolute history-position embeddings")
+    spae_relative: bool = _f(True, "SPAE: add learned recency (distance from newest) embeddings")
+    spae_ordinal_text: bool = _f(False, "SPAE: write textual ordinal markers ('1st', '2nd', ...) in the prompt")
+    max_positions: int = _f(256, "size of the absolute/relative position tables (>= max_history)")
+    use_kernels: str = _f("auto", "auto (Triton on CUDA, torch on CPU) | triton | torch")
+    attn_impl: str = _f("auto", "auto | flash | varlen | sdpa | eager")
+    liger: str = _f("auto", "auto (on CUDA for supported architectures) | on | off")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward")
+
+
+@dataclass
+class PromptConfig:
+    paradigm: str = _f("speeder", "verbose | titles | speeder")
+    answer_mode: str = _f("score", "score (label-token logits rank all candidates) | generate (greedy title, LLaRA)")
+    description_tokens: int = _f(128, "verbose paradigm: description token budget per history item")
+    title_tokens: int = _f(32, "max tokens of a title")
+    system: str = _f("You are a recommender. Given the items a user interacted with, in order, pick the item "
+                     "they will interact with next from the candidates.", "instruction text")
+    history_header: str = _f("History (oldest to newest):", "text before the history")
+    candidates_header: str = _f("Candidates:", "text before the candidates")
+    answer_prefix: str = _f("Answer:", "text before the answer")
+
+
+@dataclass
+class StageConfig:
+    modalities: list = _f(["text"], "modalities active in this stage")
+    epochs: float = _f(1.0, "epochs (fractions allowed)")
+    max_steps: int = _f(0, "cap on optimizer steps (0 = from epochs)")
+    lr: float = _f(2e-4, "peak learning rate")
+    freeze_previous_experts: bool = _f(False, "freeze experts trained in earlier stages")
+    train_lora: bool = _f(True, "train LoRA in this stage")
+    curriculum_ramp: float = _f(0.0, "fraction of the stage over which hybrid prompts ramp from 0 to 100% "
+                                     "(the rest are text-only prompts); 0 = off")
+
+
+@dataclass
+class TrainConfig:
+    stages: list = _f([], "MPO stages (list of StageConfig tables); empty = one stage per modality "
+                          "in features.modalities order, cumulative")
+    batch_size: int = _f(8, "micro-batch size (examples)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    max_tokens_per_batch: int = _f(0, "if > 0, micro-batches are sized by tokens, not examples")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "linear warmup fraction of each stage")
+    grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
+    eval_every: int = _f(0, "evaluate on validation every N steps (0 = at stage ends)")
+    eval_max_examples: int = _f(200, "validation examples used for periodic evaluation (0 = all)")
+    checkpoint_every: int = _f(0, "checkpoint every N steps (0 = stage ends only)")
+    keep_checkpoints: int = _f(2, "keep the last K step checkpoints (plus best)")
+    num_workers: int = _f(0, "data-loader workers")
+    log_every: int = _f(10, "log metrics every N steps")
+    packing: str = _f("auto", "auto | on | off: padding-free packing of examples")
+
+
+@dataclass
+class EvalConfig:
+    split: str = _f("test", "valid | test")
+    max_examples: int = _f(0, "evaluate at most N examples (0 = all)")
+    batch_size: int = _f(16, "evaluation batch size")
+    generate_max_tokens: int = _f(48, "generate mode: max new tokens")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "global seed (torch, numpy, python)")
+    output_dir: str = _f("runs", "where runs are written (a timestamped subfolder unless run_name is set)")
+    run_name: str = _f("", "run folder name (default: timestamp + paradigm)")
+    device: str = _f("auto", "auto | cpu | cuda")
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert ``value`` (from TOML or a ``--set`` string) to the field type, or raise ConfigError."""
+    if isinstance(typ, str):
+        typ = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(typ, typ)
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        text = value.strip()
+        if origin is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        if origin is list:
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = [p.strip() for p in text.split(",") if p.strip()]
+            value = parsed
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: cannot parse {value!r} as {getattr(origin, '__name__', origin)}") from e
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {full!r} (valid here: {close})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a table, got {value!r}")
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, names[key].type, full))
+
+
+def set_override(cfg: Config, assignment: str) -> None:
+    """Apply one ``a.b=c`` override (value parsed as JSON when possible, else as a string)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    nested: dict = {}
+    cur = nested
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = raw
+    _apply(cfg, nested)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {p}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from e
+        _apply(cfg, data)
+    for o in overrides or []:
+        set_override(cfg, o)
+    stages = []
+    for i, st in enumerate(cfg.train.stages):
+        if isinstance(st, StageConfig):
+            stages.append(st)
+            continue
+        if not isinstance(st, dict):
+            raise ConfigError(f"train.stages[{i}]: expected a table, got {st!r}")
+        s = StageConfig()
+        _apply(s, st, f"train.stages[{i}].")
+        stages.append(s)
+    cfg.train.stages = stages
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cheap checks before any heavy work; one clear message per problem."""
+    errs = []
+    known_mod = {"text", "image", "collab"}
+    for m in cfg.features.modalities:
+        if m not in known_mod:
+            errs.append(f"features.modalities: unknown modality {m!r} (use {sorted(known_mod)})")
+    for i, st in enumerate(cfg.train.stages):
+        for m in st.modalities:
+            if m not in known_mod:
+                errs.append(f"train.stages[{i}].modalities: unknown modality {m!r}")
+    if cfg.prompt.paradigm not in ("verbose", "titles", "speeder"):
+        errs.append(f"prompt.paradigm: {cfg.prompt.paradigm!r} is not one of verbose, titles, speeder")
+    if cfg.prompt.answer_mode not in ("score", "generate"):
+        errs.append(f"prompt.answer_mode: {cfg.prompt.answer_mode!r} is not score or generate")
+    if cfg.model.precision not in ("fp32", "bf16", "nf4"):
+        errs.append(f"model.precision: {cfg.model.precision!r} is not fp32, bf16 or nf4")
+    if cfg.model.use_kernels not in ("auto", "triton", "torch"):
+        errs.append(f"model.use_kernels: {cfg.model.use_kernels!r} is not auto, triton or torch")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        errs.append(f"device: {cfg.device!r} is not auto, cpu or cuda")
+    if cfg.data.max_history < 1:
+        errs.append("data.max_history must be >= 1")
+    if cfg.model.max_positions < cfg.data.max_history:
+        errs.append(f"model.max_positions ({cfg.model.max_positions}) < data.max_history ({cfg.data.max_history})")
+    if cfg.data.n_candidates < 2:
+        errs.append("data.n_candidates must be >= 2")
+    if cfg.model.n_item_tokens < 1:
+        errs.append("model.n_item_tokens must be >= 1")
+    if cfg.eval.split not in ("valid", "test"):
+        errs.append(f"eval.split: {cfg.eval.split!r} is not valid or test")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        errs.append("train.batch_size and train.grad_accum must be >= 1")
+    if errs:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a resolved config as TOML (round-trips through load_config)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    d = to_dict(cfg)
+    lines = []
+    for k, v in d.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {val(v)}")
+    for sec, body in d.items():
+        if not isinstance(body, dict):
+            continue
+        lines.append(f"\n[{sec}]")
+        tables = []
+        for k, v in body.items():
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                tables.append((k, v))
+            else:
+                lines.append(f"{k} = {val(v)}")
+        for k, rows in tables:
+            for row in rows:
+                lines.append(f"\n[[{sec}.{k}]]")
+                for rk, rv in row.items():
+                    lines.append(f"{rk} = {val(rv)}")
+    return "\n".join(lines) + "\n"
+
+
+def describe_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field, for ``--help-config``."""
+    obj = obj if obj is not None else Config()
+    rows = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            rows += describe_fields(v, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, json.dumps(v), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,84 @@
+"""The in-memory dataset every reader produces and every other module consumes.
+
+Indexing: users are ``0..n_users-1`` and items ``0..n_items-1`` (no padding index here; models
+that need one shift by +1 themselves). Sequences are chronological; ties in time are broken by
+file order (stable sort).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TEXT_FIELDS = ("title", "description", "brand", "categories")
+
+
+@dataclass
+class RecDataset:
+    """Integer-indexed interactions + item text table."""
+
+    name: str
+    user_ids: list[str]  # index -> raw user token
+    item_ids: list[str]  # index -> raw item token
+    sequences: list[np.ndarray]  # per user: int64 item indices, oldest -> newest
+    item_text: dict[str, list[str]] = field(default_factory=dict)  # column -> per-item string ("" if missing)
+    source: str = ""  # path or asset name it came from
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def title(self, item: int) -> str:
+        return self.item_text.get("title", [""] * self.n_items)[item]
+
+    def text_fields(self) -> list[str]:
+        return list(self.item_text.keys())
+
+
+@dataclass
+class SplitArrays:
+    """A set of next-item examples as dense arrays (vectorised batching, no per-sample objects).
+
+    ``histories[i, :lengths[i]]`` are the history items oldest -> newest, left-aligned; the rest
+    is ``-1``. ``targets[i]`` is the next item. ``users[i]`` the user index.
+    """
+
+    users: np.ndarray  # int64 [n]
+    histories: np.ndarray  # int64 [n, H], -1 padded on the right
+    lengths: np.ndarray  # int64 [n]
+    targets: np.ndarray  # int64 [n]
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def subset(self, idx: np.ndarray) -> "SplitArrays":
+        return SplitArrays(self.users[idx], self.histories[idx], self.lengths[idx], self.targets[idx])
+
+
+@dataclass
+class PreparedData:
+    """What ``speeder_fast.data.prepare`` returns: dataset, leave-one-out splits, persisted candidates."""
+
+    dataset: RecDataset
+    train: SplitArrays  # sliding windows over each user's training prefix
+    valid: SplitArrays  # history -> second-to-last item
+    test: SplitArrays  # history -> last item
+    valid_candidates: np.ndarray  # int64 [n_valid, N]; contains the target exactly once, shuffled
+    test_candidates: np.ndarray  # int64 [n_test, N]
+    cache_dir: str = ""  # where the processed files and persisted candidates live
+    manifest: dict = field(default_factory=dict)
+
+    def candidates(self, split: str) -> np.ndarray:
+        return {"valid": self.valid_candidates, "test": self.test_candidates}[split]
+
+    def split(self, name: str) -> SplitArrays:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
