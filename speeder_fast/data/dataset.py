@@ -43,6 +43,19 @@ class RecDataset:
     def text_fields(self) -> list[str]:
         return list(self.item_text.keys())
 
+    def lengths(self) -> np.ndarray:
+        """int64 [n_users]: events per user."""
+        return np.fromiter((len(s) for s in self.sequences), np.int64, len(self.sequences))
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(items, offsets)``: all sequences concatenated (int64) and ``[n_users+1]`` start offsets,
+        so user ``u``'s sequence is ``items[offsets[u]:offsets[u+1]]``."""
+        lengths = self.lengths()
+        offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        items = np.concatenate(self.sequences).astype(np.int64) if self.sequences else np.zeros(0, np.int64)
+        return items, offsets
+
 
 @dataclass
 class SplitArrays:
@@ -82,3 +95,10 @@ class PreparedData:
 
     def split(self, name: str) -> SplitArrays:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+    def stats(self) -> dict:
+        """Users, items, interactions, density, sequence lengths, split sizes, text coverage
+        (see :func:`speeder_fast.data.stats.compute_stats`; ``format_stats`` prints it)."""
+        from speeder_fast.data.stats import compute_stats
+
+        return compute_stats(self)
