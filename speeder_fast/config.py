@@ -293,6 +293,63 @@ def validate(cfg: Config) -> None:
         errs.append(f"eval.split: {cfg.eval.split!r} is not valid or test")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         errs.append("train.batch_size and train.grad_accum must be >= 1")
+    # ---- production-training checks: impossible combinations and out-of-range values
+    if cfg.model.precision == "nf4":
+        import importlib.util
+
+        try:
+            has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+        except (ImportError, ValueError):
+            has_bnb = False
+        if not has_bnb:
+            errs.append("model.precision: nf4 needs bitsandbytes, which is not importable "
+                        "(pip install bitsandbytes, or use precision bf16/fp32)")
+    mod_lists = [("features.modalities", cfg.features.modalities)]
+    mod_lists += [(f"train.stages[{i}].modalities", st.modalities) for i, st in enumerate(cfg.train.stages)]
+    for name, mods in mod_lists:
+        dup = sorted({m for m in mods if mods.count(m) > 1})
+        if dup:
+            errs.append(f"{name}: duplicate modalities {dup}")
+    if cfg.prompt.paradigm == "speeder":
+        if not cfg.features.modalities:
+            errs.append("features.modalities: empty, but prompt.paradigm=speeder needs at least one modality")
+        for i, st in enumerate(cfg.train.stages):
+            if st.modalities and not set(st.modalities) & set(cfg.features.modalities):
+                errs.append(f"train.stages[{i}].modalities: none of {st.modalities} is in features.modalities "
+                            f"{cfg.features.modalities}, so the stage would train nothing")
+    for i, st in enumerate(cfg.train.stages):
+        if not st.lr > 0:
+            errs.append(f"train.stages[{i}].lr must be > 0, got {st.lr}")
+        if not st.epochs >= 0 or st.max_steps < 0:
+            errs.append(f"train.stages[{i}]: epochs and max_steps must be >= 0")
+        elif st.epochs == 0 and st.max_steps == 0:
+            errs.append(f"train.stages[{i}]: epochs = 0 and max_steps = 0 leaves nothing to train")
+        if not 0 <= st.curriculum_ramp <= 1:
+            errs.append(f"train.stages[{i}].curriculum_ramp must be in [0, 1], got {st.curriculum_ramp}")
+    tc = cfg.train
+    if tc.keep_checkpoints < 1:
+        errs.append(f"train.keep_checkpoints must be >= 1 (the last checkpoint is needed to resume), got {tc.keep_checkpoints}")
+    for key in ("checkpoint_every", "eval_every", "eval_max_examples", "max_tokens_per_batch", "num_workers", "log_every"):
+        if getattr(tc, key) < 0:
+            errs.append(f"train.{key} must be >= 0, got {getattr(tc, key)}")
+    if not 0 <= tc.warmup_ratio <= 1:
+        errs.append(f"train.warmup_ratio must be in [0, 1], got {tc.warmup_ratio}")
+    if not tc.grad_clip >= 0 or not tc.weight_decay >= 0:
+        errs.append("train.grad_clip and train.weight_decay must be >= 0")
+    if tc.packing not in ("auto", "on", "off"):
+        errs.append(f"train.packing: {tc.packing!r} is not auto, on or off")
+    if cfg.model.lora_r < 0:
+        errs.append(f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
+    if not 0 <= cfg.model.lora_dropout < 1:
+        errs.append(f"model.lora_dropout must be in [0, 1), got {cfg.model.lora_dropout}")
+    if cfg.model.attn_impl not in ("auto", "flash", "varlen", "sdpa", "eager"):
+        errs.append(f"model.attn_impl: {cfg.model.attn_impl!r} is not auto, flash, varlen, sdpa or eager")
+    if cfg.model.liger not in ("auto", "on", "off"):
+        errs.append(f"model.liger: {cfg.model.liger!r} is not auto, on or off")
+    if cfg.features.store_dtype not in ("float16", "float32"):
+        errs.append(f"features.store_dtype: {cfg.features.store_dtype!r} is not float16 or float32")
+    if cfg.eval.batch_size < 1 or cfg.eval.max_examples < 0:
+        errs.append("eval.batch_size must be >= 1 and eval.max_examples >= 0")
     if errs:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 

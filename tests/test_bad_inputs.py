@@ -1,0 +1,284 @@
+"""Malformed inputs -> a clear error naming the field/file, and nothing left half-written.
+
+Covers what exists for production training: configs (``config.load_config``/``validate``),
+checkpoints (``checkpoint``), torchrun environments (``distributed``) and error helpers (``errors``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from speeder_fast import checkpoint as ck
+from speeder_fast.checkpoint import CheckpointError, CheckpointManager, TrainState, capture_rng
+from speeder_fast.config import Config, ConfigError, load_config, set_override, validate
+from speeder_fast.distributed import DistEnv, ShardedSampler
+from speeder_fast.errors import (DistributedError, NonFiniteLossError, NonFiniteMonitor, SpeederError, check_finite,
+                                 friendly_oom, is_oom)
+
+# ------------------------------------------------------------------------------------------- configs
+
+# (TOML text, regex the error must match: it names the offending key/file)
+BAD_TOML = [
+    ("[train]\nbatch_sise = 4\n", r"unknown config key 'train\.batch_sise'"),
+    ("[model]\nlora_r = \"eight\"\n", r"model\.lora_r: cannot parse 'eight' as int"),
+    ("[model]\nlora_r = 2.5\n", r"model\.lora_r: expected an integer"),
+    ("[train]\ngrad_clip = true\n", r"train\.grad_clip: expected a number"),
+    ("[features]\nmodalities = 3\n", r"features\.modalities: expected a list"),
+    ("[features]\nmodalities = [\"text\", \"audio\"]\n", r"features\.modalities: unknown modality 'audio'"),
+    ("[features]\nmodalities = [\"text\", \"text\"]\n", r"features\.modalities: duplicate modalities \['text'\]"),
+    ("[features]\nmodalities = []\n", r"features\.modalities: empty, but prompt\.paradigm=speeder"),
+    ("model = 3\n", r"model: expected a table"),
+    ("[[train.stages]]\nmodalities = [\"text\"]\nlr = 0.0\n", r"train\.stages\[0\]\.lr must be > 0"),
+    ("[[train.stages]]\nmodalites = [\"text\"]\n", r"unknown config key 'train\.stages\[0\]\.modalites'"),
+    ("[[train.stages]]\nmodalities = [\"image\"]\n", r"train\.stages\[0\]\.modalities: none of \['image'\]"),
+    ("[[train.stages]]\nmodalities = [\"video\"]\n", r"train\.stages\[0\]\.modalities: unknown modality 'video'"),
+    ("[[train.stages]]\nepochs = 0.0\n", r"train\.stages\[0\]: epochs = 0 and max_steps = 0"),
+    ("[train]\nkeep_checkpoints = 0\n", r"train\.keep_checkpoints must be >= 1"),
+    ("[train]\nwarmup_ratio = 1.5\n", r"train\.warmup_ratio must be in \[0, 1\]"),
+    ("[train]\npacking = \"maybe\"\n", r"train\.packing: 'maybe'"),
+    ("[model]\nprecision = \"fp8\"\n", r"model\.precision: 'fp8'"),
+    ("[model]\nattn_impl = \"flash3\"\n", r"model\.attn_impl: 'flash3'"),
+    ("[model]\nlora_dropout = 1.0\n", r"model\.lora_dropout must be in \[0, 1\)"),
+    ("[data]\nmax_history = 300\n", r"model\.max_positions \(256\) < data\.max_history \(300\)"),
+    ("[features]\nstore_dtype = \"int8\"\n", r"features\.store_dtype: 'int8'"),
+    ("[eval]\nbatch_size = 0\n", r"eval\.batch_size must be >= 1"),
+    ("[train\nbatch_size = 4\n", r"invalid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,pattern", BAD_TOML, ids=[p for _, p in BAD_TOML])
+def test_bad_config_file_names_the_field(tmp_path, text, pattern):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(p)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    p = tmp_path / "broken.toml"
+    p.write_text("[train\n")
+    with pytest.raises(ConfigError, match="broken.toml: invalid TOML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found: .*missing.toml"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("train.batch_size=abc", r"train\.batch_size: cannot parse 'abc'"),
+    ("model.gradient_checkpointing=perhaps", r"model\.gradient_checkpointing: expected a boolean"),
+    ("nosuch.key=1", r"unknown config key 'nosuch'"),
+    ("train.batch_size", r"--set expects key=value"),
+])
+def test_bad_override_names_the_field(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        set_override(Config(), override)
+
+
+def test_several_problems_reported_together():
+    cfg = Config()
+    cfg.train.warmup_ratio = -1.0
+    cfg.model.liger = "sometimes"
+    with pytest.raises(ConfigError, match=r"(?s)train\.warmup_ratio.*model\.liger: 'sometimes'"):
+        validate(cfg)
+
+
+def test_nf4_without_bitsandbytes(monkeypatch):
+    cfg = Config()
+    cfg.model.precision = "nf4"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes it un-importable
+    with pytest.raises(ConfigError, match=r"model\.precision: nf4 needs bitsandbytes"):
+        validate(cfg)
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    if importlib.util.find_spec("bitsandbytes") is None:  # (no import: bitsandbytes takes seconds to load)
+        pytest.skip("bitsandbytes is not installed")
+    validate(cfg)  # importable again -> accepted
+
+
+def test_config_error_has_no_side_effects(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("output_dir = \"%s\"\n[train]\nbatch_size = 0\n" % (tmp_path / "runs"))
+    with pytest.raises(ConfigError):
+        load_config(p)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.toml"]
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+def _two_checkpoints(tmp_path) -> CheckpointManager:
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    opt = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    for s in (1, 2):
+        mgr.save(s, TrainState(weights={"w": torch.full((64,), float(s))}, optimizer=opt.state_dict(),
+                               rng=[capture_rng()], data={"epoch": 0, "step_in_epoch": s}))
+    return mgr
+
+
+def _truncate(path, n=10):
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = [
+    ("truncated safetensors", lambda d: _truncate(d / "trainable.safetensors"),
+     r"step-00000002/trainable\.safetensors: size \d+ bytes, manifest says \d+ \(truncated"),
+    ("flipped byte", lambda d: _corrupt(d / "optimizer.safetensors"),
+     r"step-00000002/optimizer\.safetensors: sha256 mismatch"),
+    ("missing manifest", lambda d: (d / "MANIFEST.json").unlink(),
+     r"step-00000002/MANIFEST\.json: manifest missing"),
+    ("broken manifest", lambda d: (d / "MANIFEST.json").write_text("{not json"),
+     r"step-00000002/MANIFEST\.json: invalid JSON"),
+    ("missing rng file", lambda d: (d / "rng" / "rank0.json").unlink(),
+     r"step-00000002/rng/rank0\.json: listed in the manifest but missing"),
+    ("edited json", lambda d: (d / "trainer_state.json").write_text(
+        (d / "trainer_state.json").read_text().replace('"step": 2', '"step": 9')),
+     r"step-00000002/trainer_state\.json: (sha256 mismatch|size)"),
+    ("future format", lambda d: (d / "MANIFEST.json").write_text(json.dumps({"format": 99, "files": {}})),
+     r"MANIFEST\.json: checkpoint format 99 is not supported"),
+]
+
+
+@pytest.mark.parametrize("name,damage,pattern", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_checkpoint_is_named_and_skipped(tmp_path, name, damage, pattern):
+    mgr = _two_checkpoints(tmp_path)
+    damage(mgr.path_for(2))
+    with pytest.raises(CheckpointError, match=pattern):
+        mgr.load(mgr.path_for(2))
+    st = mgr.load_latest_valid()  # falls back to the previous valid checkpoint
+    assert st.step == 1 and st.data == {"epoch": 0, "step_in_epoch": 1}
+
+
+def test_unverified_load_of_truncated_file_still_names_it(tmp_path):
+    mgr = _two_checkpoints(tmp_path)
+    _truncate(mgr.path_for(2) / "trainable.safetensors", 200)
+    with pytest.raises(CheckpointError, match=r"trainable\.safetensors: cannot read safetensors"):
+        mgr.load(mgr.path_for(2), verify=False)
+
+
+def test_missing_checkpoint_dir(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope: checkpoint directory does not exist"):
+        CheckpointManager(tmp_path).load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("bad_state,pattern", [
+    (TrainState(weights={"w": [1.0, 2.0]}), r"weights\['w'\]: expected a tensor"),
+    (TrainState(extra={"obj": object()}), r"trainer_state .*not JSON serializable"),
+    (TrainState(optimizer={"state": {0: {"fn": print}}}), r"cannot store state\.0\.fn: unsupported type"),
+    (TrainState(data={"epoch": {1, 2}}), r"trainer_state .*not JSON serializable"),
+])
+def test_unstorable_state_writes_nothing(tmp_path, bad_state, pattern):
+    mgr = _two_checkpoints(tmp_path)
+    before = sorted(p.name for p in mgr.root.iterdir())
+    with pytest.raises(CheckpointError, match=pattern):
+        mgr.save(3, bad_state)
+    assert sorted(p.name for p in mgr.root.iterdir()) == before  # no step-3, no temp dir
+    assert mgr.load_latest_valid().step == 2
+
+
+def test_interrupted_write_leaves_only_previous(tmp_path, monkeypatch):
+    mgr = _two_checkpoints(tmp_path)
+
+    def crash(path, data):
+        raise KeyboardInterrupt  # e.g. Ctrl-C / SIGTERM mid-write
+
+    monkeypatch.setattr(ck, "_write_bytes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(3, TrainState(weights={"w": torch.zeros(2)}))
+    assert [p.name for p in mgr.list()] == ["step-00000001", "step-00000002"]
+    assert not [p for p in mgr.root.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_optimizer_json_is_named(tmp_path):
+    mgr = _two_checkpoints(tmp_path)
+    d = mgr.path_for(2)
+    meta = json.loads((d / "optimizer.json").read_text())
+    meta["state"] = {"__dict__": [[0, {"exp_avg": {"__tensor__": "no.such.tensor"}}]]}
+    (d / "optimizer.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"optimizer\.json: tensor 'no\.such\.tensor' .* missing"):
+        mgr.load(d, verify=False)
+
+
+def test_restore_rng_malformed():
+    with pytest.raises(CheckpointError, match="RNG state is malformed"):
+        ck.restore_rng({"python": [3, [1, 2], None]})
+
+
+# ---------------------------------------------------------------------------------- distributed env
+
+BAD_ENVS = [
+    ({"WORLD_SIZE": "two"}, r"WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, r"RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, r"RANK=2 is outside \[0, WORLD_SIZE=2\)"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, r"LOCAL_RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}, r"MASTER_ADDR and MASTER_PORT must be set"),
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE=0 must be >= 1"),
+    ({"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+      "MASTER_PORT": "1"}, r"LOCAL_RANK=3 is outside"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "http"},
+     r"MASTER_PORT='http' is not an integer"),
+]
+
+
+@pytest.mark.parametrize("env,pattern", BAD_ENVS, ids=[p for _, p in BAD_ENVS])
+def test_bad_torchrun_env_names_the_variable(env, pattern):
+    with pytest.raises(DistributedError, match=pattern):
+        DistEnv.from_env(env)
+
+
+def test_bad_sampler_args():
+    with pytest.raises(DistributedError, match=r"rank 3 is outside \[0, world_size=2\)"):
+        ShardedSampler(10, 2, 3)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ShardedSampler(10, 1, 0, batch_size=0)
+
+
+# ------------------------------------------------------------------------------------- errors module
+
+
+def test_nonfinite_loss_named_step():
+    check_finite(torch.tensor(1.5), 3)
+    check_finite(0.25, 3)
+    with pytest.raises(NonFiniteLossError, match="training loss is nan at step 7") as ei:
+        check_finite(torch.tensor(float("nan")), 7)
+    assert ei.value.step == 7 and isinstance(ei.value, SpeederError)
+    with pytest.raises(NonFiniteLossError, match="inf at step 2"):
+        check_finite(float("inf"), 2)
+
+
+def test_nonfinite_monitor_reports_first_bad_step():
+    mon = NonFiniteMonitor()
+    for step, v in enumerate([1.0, 0.5, float("inf"), float("nan"), 0.1], start=1):
+        mon.update(torch.tensor(v), step)
+    with pytest.raises(NonFiniteLossError, match="inf at step 3"):
+        mon.check()
+    mon.reset()
+    mon.update(torch.tensor(1.0), 9)
+    mon.check()
+
+
+def test_friendly_oom_message_names_keys_and_values():
+    cfg = Config()
+    cfg.train.batch_size, cfg.train.grad_accum = 8, 2
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if hasattr(
+        torch, "OutOfMemoryError") else RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_oom(exc) and not is_oom(ValueError("shape"))
+    msg = friendly_oom(exc, cfg)
+    assert "Tried to allocate 2.00 GiB" in msg
+    assert "train.batch_size=8, train.grad_accum=2, train.max_tokens_per_batch=0" in msg
+    assert "--set train.batch_size=4 --set train.grad_accum=4" in msg
+    assert "--set model.gradient_checkpointing=true" in msg and "--set model.precision=bf16" in msg
+    cfg.model.gradient_checkpointing, cfg.model.precision, cfg.train.batch_size = True, "nf4", 1
+    cfg.train.max_tokens_per_batch = 4096
+    msg = friendly_oom(RuntimeError("CUDA error: out of memory"), cfg)
+    assert "gradient_checkpointing=true  (" not in msg and "precision=nf4  (" not in msg
+    assert "--set train.max_tokens_per_batch=2048" in msg and "train.batch_size=" in msg
