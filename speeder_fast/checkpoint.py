@@ -190,6 +190,16 @@ def _hashable(k: Any) -> Any:
     return tuple(_hashable(x) for x in k) if isinstance(k, (list, tuple)) else k
 
 
+def _json_only(obj: Any, what: str) -> Any:
+    """JSON skeleton of ``obj`` (tuples and non-string keys preserved); tensors are refused."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(obj, tensors, what, set())
+    if tensors:
+        raise CheckpointError(f"cannot store {next(iter(tensors))}: tensors/arrays are not allowed in "
+                              "TrainState.data/extra (put them in weights, or convert to lists)")
+    return skeleton
+
+
 def state_to_tensors(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Split a nested state (dicts/lists/tuples/tensors/scalars) into ``(tensors, json_skeleton)``.
 
@@ -430,9 +440,9 @@ def save_checkpoint(target: str | Path, state: TrainState, step: int | None = No
     metric = None if state.metric is None else float(state.metric)
     rng = list(state.rng)
     trainer = {
-        "format": FORMAT_VERSION, "step": step, "stage": int(state.stage), "data": state.data,
+        "format": FORMAT_VERSION, "step": step, "stage": int(state.stage), "data": _json_only(state.data, "data"),
         "metric": metric, "world_size": int(world_size if world_size is not None else max(1, len(rng))),
-        "n_rng": len(rng), "extra": state.extra, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_rng": len(rng), "extra": _json_only(state.extra, "extra"), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch_version": torch.__version__,
     }
     blobs: dict[str, bytes] = {TRAINER_STATE: _dumps(trainer, "trainer_state (data/extra/metric)")}
@@ -527,9 +537,9 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> TrainState:
     cfg_text = (path / "config.toml").read_text() if (path / "config.toml").exists() else ""
     metric = trainer.get("metric")
     return TrainState(step=int(trainer["step"]), stage=int(trainer.get("stage", 0)), weights=weights,
-                      optimizer=optimizer, scheduler=scheduler, data=trainer.get("data") or {}, rng=rng,
+                      optimizer=optimizer, scheduler=scheduler, data=_decode(trainer.get("data") or {}, {}, str(path / TRAINER_STATE)), rng=rng,
                       config_text=cfg_text, metric=None if metric is None else float(metric),
-                      extra=trainer.get("extra") or {}, path=path)
+                      extra=_decode(trainer.get("extra") or {}, {}, str(path / TRAINER_STATE)), path=path)
 
 
 # --------------------------------------------------------------------------------------------------

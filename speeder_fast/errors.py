@@ -98,16 +98,17 @@ def friendly_oom(exc: BaseException, cfg: Any) -> str:
     lines.append(cur)
     tips = []
     if bs > 1:
-        nb = max(1, bs // 2)
-        na = accum * (bs // nb) if bs % nb == 0 else accum * 2
-        tips.append(f"--set train.batch_size={nb} --set train.grad_accum={na}  (same effective batch)")
+        nb, na = bs // 2, accum * 2
+        same = "same effective batch" if nb * na == bs * accum else f"effective batch {nb * na} instead of {bs * accum}"
+        tips.append(f"--set train.batch_size={nb} --set train.grad_accum={na}  ({same})")
     if max_tok > 0:
         tips.append(f"--set train.max_tokens_per_batch={max(1, max_tok // 2)}")
     else:
         tips.append("--set train.max_tokens_per_batch=N  (bound each micro-batch by tokens; long prompts "
                     "no longer blow up a batch)")
     if not gc:
-        tips.append("--set model.gradient_checkpointing=true  (recompute activations; ~30% slower)")
+        tips.append("--set model.gradient_checkpointing=true  (recompute activations in backward: slower steps, "
+                    "far less activation memory)")
     if prec == "fp32":
         tips.append("--set model.precision=bf16  (or nf4 for a 4-bit QLoRA base)")
     elif prec == "bf16":

@@ -172,9 +172,10 @@ def test_missing_checkpoint_dir(tmp_path):
 
 @pytest.mark.parametrize("bad_state,pattern", [
     (TrainState(weights={"w": [1.0, 2.0]}), r"weights\['w'\]: expected a tensor"),
-    (TrainState(extra={"obj": object()}), r"trainer_state .*not JSON serializable"),
+    (TrainState(extra={"obj": object()}), r"cannot store extra\.obj: unsupported type object"),
+    (TrainState(extra={"t": torch.ones(2)}), r"cannot store extra\.t: tensors/arrays are not allowed"),
     (TrainState(optimizer={"state": {0: {"fn": print}}}), r"cannot store state\.0\.fn: unsupported type"),
-    (TrainState(data={"epoch": {1, 2}}), r"trainer_state .*not JSON serializable"),
+    (TrainState(data={"epoch": {1, 2}}), r"cannot store data\.epoch: unsupported type set"),
 ])
 def test_unstorable_state_writes_nothing(tmp_path, bad_state, pattern):
     mgr = _two_checkpoints(tmp_path)
