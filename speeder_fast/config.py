@@ -93,6 +93,14 @@ class PromptConfig:
     history_header: str = _f("History (oldest to newest):", "text before the history")
     candidates_header: str = _f("Candidates:", "text before the candidates")
     answer_prefix: str = _f("Answer:", "text before the answer")
+    history_item: str = _f("{ordinal}{item}\n", "one history line; {item} = the item (inserted with a leading "
+                           "space), {ordinal} = ordinal_format when model.spae_ordinal_text else ''")
+    ordinal_format: str = _f("{ordinal} item:", "textual ordinal cue; {ordinal} = 1st, 2nd, ... (oldest first)")
+    candidate_item: str = _f("{label}.{item}\n", "one candidate line; {label} = the candidate's label token")
+    verbose_item: str = _f("{title}. Description:{description}", "verbose paradigm item text; {title} and "
+                           "{description} are inserted with a leading space")
+    labels: list = _f([], "candidate label strings (each must be one token, written with a leading space: ' A'); "
+                          "empty = ' A', ' B', ... (letters, then added special tokens if not single tokens)")
 
 
 @dataclass

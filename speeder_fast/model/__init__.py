@@ -1,1 +1,18 @@
+"""Model side of Speeder: prompts, MRC (MoME), SPAE position embeddings, the LLM wrapper."""
 
+from .llm import SpeederRecModel, embedding_rms, load_llm, load_tokenizer, match_generated
+from .mome import MoME
+from .positions import SPAE
+from .prompts import PromptBatch, PromptBuilder
+
+__all__ = [
+    "MoME",
+    "PromptBatch",
+    "PromptBuilder",
+    "SPAE",
+    "SpeederRecModel",
+    "embedding_rms",
+    "load_llm",
+    "load_tokenizer",
+    "match_generated",
+]

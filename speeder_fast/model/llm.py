@@ -1,0 +1,259 @@
+"""The LLM side: loading (fp32 / bf16 / NF4 QLoRA + LoRA) and :class:`SpeederRecModel`.
+
+``SpeederRecModel`` = a causal LM (frozen base, trainable LoRA) + optional MoME (MRC) + optional
+SPAE tables. One method, :meth:`SpeederRecModel.hidden_states`, computes the decoder's last hidden
+states for a :class:`~speeder_fast.model.prompts.PromptBatch`; the LM head is applied ONLY where
+it is needed (answer positions), never to every prompt position:
+
+* :meth:`forward` -> cross-entropy over the answer tokens (label token in score mode, title + eos in
+  generate mode);
+* :meth:`score` -> ``[B, N]`` logits of the candidate label tokens at the answer position (one
+  forward ranks every candidate; always a valid answer);
+* :meth:`generate` -> greedy continuation (HF ``generate`` from ``inputs_embeds``), matched
+  against candidate titles by :func:`match_generated`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from speeder_fast.config import ModelConfig
+from speeder_fast.utils import get_logger
+
+from .mome import MoME
+from .positions import SPAE
+from .prompts import PromptBatch, PromptBuilder
+
+log = get_logger("speeder_fast.model")
+
+
+def resolve_llm_path(name: str) -> str:
+    """Local folder for ``name`` (an existing path, or an asset name via ``speeder_fast.assets``)."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from speeder_fast.assets import resolve_model
+
+    return str(resolve_model(name))
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of ``name`` (pad token defaults to eos)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_llm_path(name))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """dtype the decoder computes in: bf16 for bf16 (and NF4 on CUDA), else fp32."""
+    if precision == "bf16" or (precision == "nf4" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _attn_impl(name: str) -> str:
+    # flash/varlen kernels are plugged in by speeder_fast.model.attention (packing path); the
+    # padded path used here runs on sdpa unless eager is asked for.
+    return "eager" if name == "eager" else "sdpa"
+
+
+def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int = 0) -> nn.Module:
+    """Load the causal LM of ``cfg.llm`` at ``cfg.precision``, add LoRA, freeze the base.
+
+    ``tokenizer`` may carry added special tokens (candidate labels); the embedding table is then
+    resized (new rows: mean of the old rows + small seeded noise; they stay frozen and are saved
+    with checkpoints).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_llm_path(cfg.llm)
+    kw: dict[str, Any] = {"attn_implementation": _attn_impl(cfg.attn_impl)}
+    if cfg.precision == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype("nf4", device),
+        )
+        kw["device_map"] = {"": str(device) if device.type == "cpu" else device.index or 0}
+        kw["dtype"] = torch.float32 if device.type == "cpu" else torch.bfloat16
+    else:
+        kw["dtype"] = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if cfg.precision != "nf4":
+        model.to(device)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_vocab:
+        old = model.get_input_embeddings().weight
+        mean = old.detach().float().mean(0)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(tokenizer) - n_vocab, old.shape[1], generator=g) * old.detach().float().std() * 0.1
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            w = model.get_input_embeddings().weight
+            w[n_vocab:] = (mean.to(noise) + noise).to(w.device, w.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.precision == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        targets = [t for t in cfg.lora_targets if t in names]
+        if not targets:
+            raise ValueError(f"model.lora_targets {cfg.lora_targets} match no module of {cfg.llm}")
+        torch.manual_seed(seed)
+        lcfg = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, lcfg)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def base_model(llm: nn.Module) -> nn.Module:
+    """The underlying ``*ForCausalLM`` (through a peft wrapper if any)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def embedding_rms(llm: nn.Module) -> float:
+    """RMS norm of the input embedding rows (the scale new soft tokens are initialised to)."""
+    w = base_model(llm).get_input_embeddings().weight.detach().float()
+    return float(w.pow(2).mean(1).sqrt().mean())
+
+
+class SpeederRecModel(nn.Module):
+    """LLM + (optional) MoME + (optional) SPAE; the recommender used for training and evaluation.
+
+    With ``mome=None`` (``verbose`` / ``titles`` paradigms) the prompts carry no item slots and the
+    input embeddings are the plain token embeddings.
+    """
+
+    def __init__(self, llm: nn.Module, mome: MoME | None = None, positions: SPAE | None = None) -> None:
+        super().__init__()
+        self.llm = llm
+        self.mome = mome
+        self.positions = positions
+        base = base_model(llm)
+        self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        self.lm_head = base.get_output_embeddings()
+        self.embed = base.get_input_embeddings()
+
+    # ------------------------------------------------------------------ inputs and hidden states
+    def item_tokens(self, batch: PromptBatch) -> torch.Tensor:
+        """MRC tokens of ``batch.unique_items`` [U, k, H] (cached catalogue in eval mode)."""
+        assert self.mome is not None
+        if self.training or torch.is_grad_enabled():
+            return self.mome.encode(batch.unique_items)
+        return self.mome.encode_catalog()[batch.unique_items]
+
+    def input_embeds(self, batch: PromptBatch) -> torch.Tensor:
+        """Input embeddings [B, L, H]: token embeddings, item tokens (+ SPAE cues) at slots."""
+        table = self.embed.weight
+        if self.mome is None:
+            return F.embedding(batch.input_ids, table)
+        tokens = self.item_tokens(batch)
+        pos = self.positions if self.positions is not None else SPAE(1, 1, False, False)
+        return pos.splice(batch.input_ids, table, batch.slot_item, batch.slot_abs, batch.slot_rel, tokens)
+
+    def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
+        """Decoder last hidden states [B, L, H] (after the final norm) for a padded batch."""
+        embeds = self.input_embeds(batch)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    # ------------------------------------------------------------------ heads
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h).float()
+
+    def forward(self, batch: PromptBatch) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens (LM head applied at those positions only)."""
+        h = self.hidden_states(batch)
+        H = h.shape[-1]
+        sel = h.reshape(-1, H).index_select(0, batch.loss_pos)
+        return F.cross_entropy(self._head(sel), batch.loss_targets)
+
+    def score(self, batch: PromptBatch) -> torch.Tensor:
+        """[B, N] logits of the candidate label tokens at each example's answer position."""
+        h = self.hidden_states(batch)
+        B = h.shape[0]
+        last = h[torch.arange(B, device=h.device), batch.answer_pos]
+        return self._head(last).index_select(1, batch.label_token_ids)
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+        """Greedy continuation [B, T] of left-padded prompts (build them with ``padding_side='left'``)."""
+        embeds = self.input_embeds(batch)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        return out
+
+    # ------------------------------------------------------------------ stages and checkpoints
+    def set_stage(self, modalities: Sequence[str]) -> None:
+        if self.mome is not None:
+            self.mome.set_active(modalities)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a run trains: LoRA weights, MoME (experts, gate, LN), SPAE tables."""
+        sd: dict[str, torch.Tensor] = {}
+        for n, p in self.llm.named_parameters():
+            if "lora_" in n:
+                sd[f"llm.{n}"] = p.detach()
+        for prefix, mod in (("mome", self.mome), ("positions", self.positions)):
+            if mod is not None:
+                for n, p in mod.named_parameters():
+                    sd[f"{prefix}.{n}"] = p.detach()
+        return sd
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state_dict`; every expected key must be present."""
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"checkpoint mismatch: missing {missing[:5]} (+{max(0, len(missing) - 5)}), "
+                           f"unexpected {unexpected[:5]} (+{max(0, len(unexpected) - 5)})")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k, v in sd.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+        if self.mome is not None:
+            self.mome._catalog = None
+
+
+def match_generated(builder: PromptBuilder, generated: torch.Tensor, candidates: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """Decode generations and match them to candidate titles.
+
+    Returns ``(texts, pred_idx)``; ``pred_idx[b]`` is the candidate whose (truncated) title equals
+    the generated text exactly, or -1 when no candidate or more than one candidate matches (invalid).
+    """
+    texts = [builder.decode_answer(row.tolist()) for row in generated.cpu()]
+    cands = candidates.cpu().tolist()
+    pred = torch.full((len(texts),), -1, dtype=torch.long)
+    for b, (t, row) in enumerate(zip(texts, cands)):
+        hits = [j for j, item in enumerate(row) if builder.title_text[item] == t]
+        if len(hits) == 1:
+            pred[b] = hits[0]
+    return texts, pred

@@ -1,0 +1,405 @@
+"""Prompt building: templates are data (``PromptConfig`` strings), prompts are concatenated token ids.
+
+Every item's title (and, for the ``verbose`` paradigm, description) is tokenized ONCE when the
+builder is created; every template fragment is tokenized once too. Building a batch is then only
+``np.concatenate`` of cached id arrays plus padding, so it is cheap enough to run per step.
+
+Prompt layout (plain text, no chat template, so any causal LM works the same way)::
+
+    {system}\\n{history_header}\\n
+    {history_item} x len(history)        e.g. "{ordinal}{item}\\n"
+    {candidates_header}\\n
+    {candidate_item} x N                 e.g. "{label}.{item}\\n"
+    {answer_prefix}                      then the answer: " C" (score) or " <title><eos>" (generate)
+
+``{item}`` is, per paradigm:
+
+* ``verbose``: title + description (truncated to ``description_tokens`` tokens) via ``verbose_item``;
+  candidates are written as titles.
+* ``titles``: the title (truncated to ``title_tokens`` tokens).
+* ``speeder``: ``k`` placeholder tokens whose embeddings are replaced by the MRC item tokens
+  (plus SPAE absolute/relative embeddings for history items); optional textual ordinals.
+
+Item text is inserted with a leading space (so ``"{label}.{item}"`` reads ``" A. Blue pen"``).
+Candidates are labelled with single-token labels (``" A"``, ``" B"``, ...); if a label is not a
+single token in the tokenizer, all labels fall back to added special tokens ``<|cand_i|>``
+(recorded in :attr:`PromptBuilder.added_tokens` so a run can restore them).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from speeder_fast.config import PromptConfig
+from speeder_fast.data.dataset import RecDataset
+
+PARADIGMS = ("verbose", "titles", "speeder")
+
+
+def ordinal_word(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 11 -> '11th', 23 -> '23rd'."""
+    if 10 <= n % 100 <= 20:
+        suf = "th"
+    else:
+        suf = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suf}"
+
+
+@dataclass
+class PromptBatch:
+    """A padded batch of prompts (tensors) plus the bookkeeping scoring and evaluation need.
+
+    Shapes: ``B`` examples, ``L`` padded length, ``N`` candidates, ``U`` unique items, ``A`` answer
+    tokens in the whole batch. Slot arrays are ``-1`` where a position holds plain text.
+    """
+
+    input_ids: torch.Tensor  # int64 [B, L]
+    attention_mask: torch.Tensor  # int64 [B, L]
+    labels: torch.Tensor  # int64 [B, L], HF convention (labels[b,p] == input_ids[b,p] on answer tokens, else -100)
+    slot_item: torch.Tensor  # int64 [B, L]: row of item_tokens.view(-1, H) = u*k + t
+    slot_abs: torch.Tensor  # int64 [B, L]: history index from oldest (0-based)
+    slot_rel: torch.Tensor  # int64 [B, L]: distance from the newest history item (0 = newest)
+    unique_items: torch.Tensor  # int64 [U]: items compressed once for the batch
+    answer_pos: torch.Tensor  # int64 [B]: position whose next-token logits give the answer distribution
+    loss_pos: torch.Tensor  # int64 [A]: flat index b*L+p of positions predicting an answer token
+    loss_targets: torch.Tensor  # int64 [A]: the answer token predicted there
+    target_idx: torch.Tensor  # int64 [B]: index of the correct candidate
+    candidates: torch.Tensor  # int64 [B, N]: item ids in label order
+    label_token_ids: torch.Tensor  # int64 [N]
+    prompt_tokens: torch.Tensor  # int64 [B]: prompt length without the answer
+    history_lengths: torch.Tensor  # int64 [B]
+
+    def to(self, device: torch.device | str) -> "PromptBatch":
+        """Move every tensor to ``device`` (non-blocking)."""
+        kw = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        return PromptBatch(**kw)
+
+    @property
+    def n_tokens(self) -> int:
+        """Non-padding tokens (host-side count, computed before moving to a device)."""
+        return int(self.attention_mask.sum())
+
+
+def _split_template(template: str, names: Sequence[str], where: str) -> list[str]:
+    """Split ``template`` on ``{name}`` fields (in the given order); raises on a missing field."""
+    parts = []
+    rest = template
+    for n in names:
+        key = "{" + n + "}"
+        if key not in rest:
+            raise ValueError(f"prompt.{where}: template {template!r} must contain {key} (after the previous field)")
+        head, rest = rest.split(key, 1)
+        parts.append(head)
+    parts.append(rest)
+    return parts
+
+
+class PromptBuilder:
+    """Turns (history, candidates, target) arrays into a :class:`PromptBatch`.
+
+    Args:
+        tokenizer: a HF tokenizer (fast tokenizers make the one-off pre-tokenization quick).
+        dataset: the item table (titles, descriptions).
+        cfg: prompt templates and budgets.
+        n_candidates: N, the number of candidates per example.
+        max_history: the longest history a prompt holds.
+        n_item_tokens: k, soft tokens per item (``speeder``).
+        ordinal_text: write textual ordinals for history items (``speeder`` and others).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        dataset: RecDataset,
+        cfg: PromptConfig,
+        n_candidates: int,
+        max_history: int,
+        n_item_tokens: int = 1,
+        ordinal_text: bool = False,
+    ) -> None:
+        if cfg.paradigm not in PARADIGMS:
+            raise ValueError(f"prompt.paradigm: {cfg.paradigm!r} is not one of {PARADIGMS}")
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.paradigm = cfg.paradigm
+        self.answer_mode = cfg.answer_mode
+        self.k = int(n_item_tokens)
+        self.n_candidates = int(n_candidates)
+        self.max_history = int(max_history)
+        self.added_tokens: list[str] = []
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no eos token; generate mode and padding need one")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # placeholder id for soft-token slots (its embedding is overwritten, the id only matters for display)
+        self.placeholder_id = self.pad_id
+
+        self.label_strings, self.label_ids = self._resolve_labels(cfg.labels)
+        enc = self._encode
+        # static fragments
+        self.head_ids = enc(f"{cfg.system}\n{cfg.history_header}\n")
+        self.cand_head_ids = enc(f"{cfg.candidates_header}\n")
+        self.answer_prefix_ids = enc(cfg.answer_prefix)
+        hist_pre, self.hist_post_ids = _split_template(cfg.history_item, ["item"], "history_item")
+        self.hist_pre_ids = []
+        for i in range(self.max_history):
+            ordinal = cfg.ordinal_format.format(ordinal=ordinal_word(i + 1)) if ordinal_text else ""
+            self.hist_pre_ids.append(enc(hist_pre.format(ordinal=ordinal)))
+        self.hist_post_ids = enc(self.hist_post_ids)
+        c_pre, c_mid, c_post = _split_template(cfg.candidate_item, ["label", "item"], "candidate_item")
+        self.cand_line_pre = [np.concatenate([enc(c_pre), [lid], enc(c_mid)]).astype(np.int64) for lid in self.label_ids]
+        self.cand_post_ids = enc(c_post)
+
+        # per-item token caches (lists of int64 arrays; tokenized once, batched)
+        n_items = dataset.n_items
+        titles = dataset.item_text.get("title") or [""] * n_items
+        titles = [t.strip() or f"item {dataset.item_ids[i]}" for i, t in enumerate(titles)]
+        self.titles = titles
+        self.title_ids = self._encode_many([" " + t for t in titles], cfg.title_tokens)
+        self.title_text = [self.tok.decode(ids.tolist()).strip() for ids in self.title_ids]
+        self.verbose_ids: list[np.ndarray] | None = None
+        if self.paradigm == "verbose":
+            descs = dataset.item_text.get("description") or [""] * n_items
+            desc_ids = self._encode_many([" " + d.strip() if d.strip() else "" for d in descs], cfg.description_tokens)
+            v_pre, v_mid, v_post = _split_template(cfg.verbose_item, ["title", "description"], "verbose_item")
+            pre, mid, post = enc(v_pre), enc(v_mid), enc(v_post)
+            self.verbose_ids = [
+                np.concatenate([pre, t, mid, d, post]) if len(d) else np.concatenate([pre, t]) for t, d in zip(self.title_ids, desc_ids)
+            ]
+        self.desc_token_counts = None
+
+    # ----------------------------------------------------------------- tokenization helpers
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64) if text else np.zeros(0, np.int64)
+
+    def _encode_many(self, texts: list[str], max_tokens: int) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        step = 1024
+        for s in range(0, len(texts), step):
+            chunk = texts[s : s + step]
+            ids = self.tok(chunk, add_special_tokens=False)["input_ids"]
+            out.extend(np.asarray(x[:max_tokens], dtype=np.int64) for x in ids)
+        return out
+
+    def _resolve_labels(self, labels: list) -> tuple[list[str], np.ndarray]:
+        """Pick N single-token labels; fall back to added special tokens when one is not single."""
+        n = self.n_candidates
+        wanted = list(labels) if labels else [" " + c for c in (string.ascii_uppercase + string.ascii_lowercase)[:n]]
+        if len(wanted) < n:
+            wanted += [f" C{i}" for i in range(len(wanted), n)]
+        wanted = wanted[:n]
+        ids = [self.tok(w, add_special_tokens=False)["input_ids"] for w in wanted]
+        if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == n:
+            return wanted, np.asarray([x[0] for x in ids], dtype=np.int64)
+        specials = [f"<|cand_{i}|>" for i in range(n)]
+        self.tok.add_special_tokens({"additional_special_tokens": specials}, replace_additional_special_tokens=False)
+        self.added_tokens = specials
+        ids2 = [self.tok.convert_tokens_to_ids(s) for s in specials]
+        return specials, np.asarray(ids2, dtype=np.int64)
+
+    # ----------------------------------------------------------------- items as token pieces
+    def item_text_ids(self, item: int, history: bool) -> np.ndarray:
+        """Text ids of one item (verbose history items carry the description)."""
+        if history and self.verbose_ids is not None:
+            return self.verbose_ids[item]
+        return self.title_ids[item]
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        """Decoded generated answer, stripped (generation stops at eos)."""
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+    # ----------------------------------------------------------------- batch assembly
+    def build(
+        self,
+        histories: np.ndarray,
+        lengths: np.ndarray,
+        candidates: np.ndarray,
+        targets: np.ndarray | None = None,
+        with_answer: bool = True,
+        text_only: np.ndarray | None = None,
+        padding_side: str = "right",
+    ) -> PromptBatch:
+        """Assemble a padded batch.
+
+        Args:
+            histories: int64 [B, H] item ids, oldest first, -1 padded on the right.
+            lengths: int64 [B] history lengths.
+            candidates: int64 [B, N] item ids (label i <-> candidates[:, i]).
+            targets: int64 [B] target item ids (must appear in each candidate row); None when unknown
+                (then ``target_idx`` is -1 and no answer can be appended).
+            with_answer: append the answer tokens (training); False for scoring/generation prompts.
+            text_only: bool [B]; for the ``speeder`` paradigm, examples written with titles instead of
+                soft tokens (MPO curriculum). Ignored for other paradigms.
+            padding_side: 'right' (training/scoring) or 'left' (generation).
+        """
+        histories = np.asarray(histories, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        B, N = candidates.shape
+        if N != self.n_candidates:
+            raise ValueError(f"candidates have {N} columns, the builder was made for {self.n_candidates}")
+        if targets is not None:
+            hit = candidates == np.asarray(targets, dtype=np.int64)[:, None]
+            if not np.all(hit.sum(1) == 1):
+                bad = int(np.flatnonzero(hit.sum(1) != 1)[0])
+                raise ValueError(f"example {bad}: the target must appear exactly once among its candidates")
+            target_idx = hit.argmax(1).astype(np.int64)
+        else:
+            target_idx = np.full(B, -1, np.int64)
+            with_answer = False
+        if text_only is None:
+            text_only = np.zeros(B, dtype=bool)
+        soft = (self.paradigm == "speeder") & ~np.asarray(text_only, dtype=bool)
+        k = self.k
+
+        rows_ids, rows_item, rows_t, rows_abs, rows_rel, rows_ans = [], [], [], [], [], []
+        prompt_len = np.zeros(B, np.int64)
+        for b in range(B):
+            ids: list[np.ndarray] = [self.head_ids]
+            it: list[np.ndarray] = [np.full(len(self.head_ids), -1, np.int64)]
+            ab: list[np.ndarray] = [it[0]]
+            n_hist = int(min(lengths[b], self.max_history))
+            hist = histories[b, int(lengths[b]) - n_hist : int(lengths[b])]
+            for i, item in enumerate(hist):
+                pre = self.hist_pre_ids[i]
+                ids.append(pre)
+                it.append(np.full(len(pre), -1, np.int64))
+                ab.append(it[-1])
+                if soft[b]:
+                    ids.append(np.full(k, self.placeholder_id, np.int64))
+                    it.append(np.full(k, item, np.int64))
+                    ab.append(np.full(k, i, np.int64))
+                else:
+                    piece = self.item_text_ids(int(item), history=True)
+                    ids.append(piece)
+                    it.append(np.full(len(piece), -1, np.int64))
+                    ab.append(it[-1])
+                ids.append(self.hist_post_ids)
+                it.append(np.full(len(self.hist_post_ids), -1, np.int64))
+                ab.append(it[-1])
+            ids.append(self.cand_head_ids)
+            it.append(np.full(len(self.cand_head_ids), -1, np.int64))
+            ab.append(it[-1])
+            for j in range(N):
+                item = int(candidates[b, j])
+                pre = self.cand_line_pre[j]
+                ids.append(pre)
+                it.append(np.full(len(pre), -1, np.int64))
+                ab.append(it[-1])
+                if soft[b]:
+                    ids.append(np.full(k, self.placeholder_id, np.int64))
+                    it.append(np.full(k, item, np.int64))
+                    ab.append(np.full(k, -2, np.int64))  # candidate slot: item token, no position cue
+                else:
+                    piece = self.title_ids[item]
+                    ids.append(piece)
+                    it.append(np.full(len(piece), -1, np.int64))
+                    ab.append(it[-1])
+                ids.append(self.cand_post_ids)
+                it.append(np.full(len(self.cand_post_ids), -1, np.int64))
+                ab.append(it[-1])
+            ids.append(self.answer_prefix_ids)
+            it.append(np.full(len(self.answer_prefix_ids), -1, np.int64))
+            ab.append(it[-1])
+            row_ids = np.concatenate(ids)
+            prompt_len[b] = len(row_ids)
+            if with_answer:
+                if self.answer_mode == "score":
+                    ans = self.label_ids[target_idx[b] : target_idx[b] + 1]
+                else:
+                    ans = np.concatenate([self.title_ids[int(candidates[b, target_idx[b]])], [self.eos_id]]).astype(np.int64)
+            else:
+                ans = np.zeros(0, np.int64)
+            row_item = np.concatenate(it + [np.full(len(ans), -1, np.int64)])
+            row_abs = np.concatenate(ab + [np.full(len(ans), -1, np.int64)])
+            # token index within an item's k slots: consecutive runs of k
+            row_t = np.full(len(row_item), -1, np.int64)
+            slot = row_item >= 0
+            row_t[slot] = np.arange(int(slot.sum())) % k
+            rel = np.where(row_abs >= 0, n_hist - 1 - row_abs, -1)
+            rows_ids.append(np.concatenate([row_ids, ans]))
+            rows_item.append(row_item)
+            rows_t.append(row_t)
+            rows_abs.append(np.where(row_abs >= 0, row_abs, -1))
+            rows_rel.append(rel)
+            rows_ans.append(len(ans))
+
+        L = max(len(r) for r in rows_ids)
+        input_ids = np.full((B, L), self.pad_id, np.int64)
+        attn = np.zeros((B, L), np.int64)
+        labels = np.full((B, L), -100, np.int64)
+        s_item = np.full((B, L), -1, np.int64)
+        s_t = np.full((B, L), -1, np.int64)
+        s_abs = np.full((B, L), -1, np.int64)
+        s_rel = np.full((B, L), -1, np.int64)
+        answer_pos = np.zeros(B, np.int64)
+        loss_pos, loss_tg = [], []
+        for b in range(B):
+            n = len(rows_ids[b])
+            off = 0 if padding_side == "right" else L - n
+            sl = slice(off, off + n)
+            input_ids[b, sl] = rows_ids[b]
+            attn[b, sl] = 1
+            s_item[b, sl] = rows_item[b]
+            s_t[b, sl] = rows_t[b]
+            s_abs[b, sl] = rows_abs[b]
+            s_rel[b, sl] = rows_rel[b]
+            p0 = off + int(prompt_len[b])
+            answer_pos[b] = p0 - 1
+            na = rows_ans[b]
+            if na:
+                labels[b, p0 : p0 + na] = rows_ids[b][int(prompt_len[b]) :]
+                loss_pos.append(b * L + np.arange(p0 - 1, p0 - 1 + na))
+                loss_tg.append(rows_ids[b][int(prompt_len[b]) :])
+        # dedupe items across the batch: each is compressed once, then gathered via slot_item
+        used = s_item >= 0
+        unique_items = np.unique(s_item[used]) if used.any() else np.zeros(0, np.int64)
+        slot_item = np.full((B, L), -1, np.int64)
+        slot_item[used] = np.searchsorted(unique_items, s_item[used]) * k + s_t[used]
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+
+        return PromptBatch(
+            input_ids=t(input_ids),
+            attention_mask=t(attn),
+            labels=t(labels),
+            slot_item=t(slot_item),
+            slot_abs=t(s_abs),
+            slot_rel=t(s_rel),
+            unique_items=t(unique_items),
+            answer_pos=t(answer_pos),
+            loss_pos=t(np.concatenate(loss_pos) if loss_pos else np.zeros(0, np.int64)),
+            loss_targets=t(np.concatenate(loss_tg) if loss_tg else np.zeros(0, np.int64)),
+            target_idx=t(target_idx),
+            candidates=t(candidates),
+            label_token_ids=t(self.label_ids),
+            prompt_tokens=t(prompt_len),
+            history_lengths=t(np.minimum(lengths, self.max_history)),
+        )
+
+    def render(self, batch: PromptBatch, b: int = 0) -> str:
+        """Human-readable text of example ``b`` (soft-token slots shown as ``<item:ID>``)."""
+        ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+        slots = batch.slot_item[b][batch.attention_mask[b].bool()].tolist()
+        out, buf = [], []
+        for i, s in zip(ids, slots):
+            if s >= 0:
+                if buf:
+                    out.append(self.tok.decode(buf))
+                    buf = []
+                if s % self.k == 0:
+                    out.append(f" <item:{int(batch.unique_items[s // self.k])}>")
+            else:
+                buf.append(i)
+        if buf:
+            out.append(self.tok.decode(buf))
+        return "".join(out)
