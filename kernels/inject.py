@@ -18,17 +18,23 @@ Triton design:
 * forward: each program handles ``BLOCK_P`` positions x ``BLOCK_H`` features (looping over H chunks
   when H > 4096); text rows gather from the embedding table, item rows gather item / abs / rel rows;
   both gathers are masked loads, so each output row reads exactly one source row (+ cue rows).
-* backward (scatter-add of the output gradient into item / abs / rel / embedding rows, several
-  positions may target the same row): a **segmented reduction**, no atomics. Target keys are sorted
-  once per gradient with ``torch.sort(stable=True)`` and segment boundaries found with
-  ``torch.searchsorted`` (both on device, no host sync); then one program per target row sums its
-  segment in fp32 and writes the row (rows without any slot get exact zeros). Deterministic.
-  The embedding gradient is only produced when ``embed_table.requires_grad``.
+* backward (scatter-add of the output gradient into item / abs / rel rows; several positions may
+  target the same row): a **segmented reduction**, no atomics, deterministic. One small kernel
+  writes, for every position, its target row in a single combined row space (item rows, then abs
+  rows, then rel rows; a sentinel where it contributes nothing); the 3T int32 keys are sorted once
+  (``torch.sort(stable=True)``, on device, no host sync); one program per target row finds its
+  segment by binary search in the sorted keys, sums the gradient rows in fp32 (times ``abs_scale``
+  for abs rows) and writes the row (rows without any slot get exact zeros). So the whole backward
+  is 2 Triton launches + 1 sort. The embedding gradient (only when ``embed_table.requires_grad``)
+  uses the same reduction over text positions.
+
+Eager calls skip the ``torch.library`` custom-op dispatch (host time); under ``torch.compile`` the
+launchers run as opaque custom ops with fake implementations.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -168,21 +174,79 @@ if HAS_TRITON:
             tl.store(OUT + offs_p[:, None] * H + offs_h[None, :], out.to(OUT.dtype.element_ty), mask=p_in[:, None] & hm)
 
     @triton.jit
-    def _segment_sum_kernel(
+    def _lower_bound(KEYS, n_keys, target, n_iters):
+        """First index i in the sorted KEYS[0:n_keys] with KEYS[i] >= target (scalar binary search)."""
+        lo = target * 0
+        hi = lo + n_keys
+        for _ in range(n_iters):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            v = tl.load(KEYS + mid, mask=mid < n_keys, other=0)
+            go_right = v < target
+            lo = tl.where(active, tl.where(go_right, mid + 1, lo), lo)
+            hi = tl.where(active, tl.where(go_right, hi, mid), hi)
+        return lo
+
+    @triton.jit
+    def _build_keys_kernel(
+        SLOT_ITEM,
+        SLOT_ABS,
+        SLOT_REL,
+        KEYS,
+        T,
+        n_item_rows,
+        abs_off,
+        n_abs,
+        rel_off,
+        n_rel,
+        sentinel,
+        BLOCK: tl.constexpr,
+    ):
+        """KEYS[0:T] = item row, KEYS[T:2T] = abs_off + abs row, KEYS[2T:3T] = rel_off + rel row of
+        each position (sentinel where the position contributes nothing: text, no cue, part disabled)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        p_in = offs < T
+        si = tl.load(SLOT_ITEM + offs, mask=p_in, other=-1).to(tl.int64)
+        is_item = si >= 0
+        sa = tl.load(SLOT_ABS + offs, mask=is_item, other=-1).to(tl.int64)
+        sr = tl.load(SLOT_REL + offs, mask=is_item, other=-1).to(tl.int64)
+        k_item = tl.where(si < n_item_rows, si, -1)
+        k_abs = tl.where(sa < n_abs, sa, -1)
+        k_rel = tl.where(sr < n_rel, sr, -1)
+        k_item = tl.where(k_item >= 0, k_item, sentinel)
+        k_abs = tl.where(k_abs >= 0, k_abs + abs_off, sentinel)
+        k_rel = tl.where(k_rel >= 0, k_rel + rel_off, sentinel)
+        tl.store(KEYS + offs, k_item.to(tl.int32), mask=p_in)
+        tl.store(KEYS + T + offs, k_abs.to(tl.int32), mask=p_in)
+        tl.store(KEYS + 2 * T + offs, k_rel.to(tl.int32), mask=p_in)
+
+    @triton.jit
+    def _segment_rows_kernel(
         SRC,
+        SORTED_KEYS,
         PERM,
-        STARTS,
         OUT,
+        n_keys,
+        T,
         H,
         stride_src,
-        scale,
+        n_iters,
+        scale_lo,
+        scale_hi,
+        scale_val,
         BLOCK_J: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
-        """OUT[r, :] = scale * sum_{j in [STARTS[r], STARTS[r+1])} SRC[PERM[j], :]  (fp32 accumulation)."""
+        """OUT[r, :] = scale(r) * sum_{j : SORTED_KEYS[j] == r} SRC[PERM[j] % T, :]  (fp32 accumulation).
+
+        One program per output row; the segment bounds come from two binary searches in the sorted
+        keys (no extra launches); scale(r) = scale_val for r in [scale_lo, scale_hi), else 1.
+        Rows without any key get exact zeros (every row is written).
+        """
         r = tl.program_id(0).to(tl.int64)
-        start = tl.load(STARTS + r)
-        end = tl.load(STARTS + r + 1)
+        start = _lower_bound(SORTED_KEYS, n_keys, r, n_iters)
+        end = _lower_bound(SORTED_KEYS, n_keys, r + 1, n_iters)
+        scale = tl.where(r >= scale_lo, tl.where(r < scale_hi, scale_val, 1.0), 1.0)
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             h_in = offs_h < H
@@ -190,7 +254,7 @@ if HAS_TRITON:
             for j0 in range(start, end, BLOCK_J):
                 offs_j = j0 + tl.arange(0, BLOCK_J)
                 j_in = offs_j < end
-                p = tl.load(PERM + offs_j, mask=j_in, other=0).to(tl.int64)
+                p = tl.load(PERM + offs_j, mask=j_in, other=0).to(tl.int64) % T
                 src = tl.load(SRC + p[:, None] * stride_src + offs_h[None, :], mask=j_in[:, None] & h_in[None, :], other=0.0)
                 acc += src.to(tl.float32)
             res = tl.sum(acc, axis=0) * scale
@@ -216,8 +280,10 @@ def inject_positions_fwd_triton(
     rel_table: Optional[torch.Tensor],
     abs_scale: float,
 ) -> torch.Tensor:
-    """Launch the forward splice kernel -> ``input_ids.shape + (H,)`` in ``item_tokens.dtype``."""
-    _check_inputs(input_ids, embed_table, slot_item, slot_abs, slot_rel, item_tokens, abs_table, rel_table)
+    """Launch the forward splice kernel -> ``input_ids.shape + (H,)`` in ``item_tokens.dtype``.
+
+    Shapes are validated by the public wrappers; this only checks what the kernel itself needs.
+    """
     op = "inject_positions"
     check_triton_device(item_tokens, op)
     check_float_dtype(item_tokens, "item_tokens", op)
@@ -255,36 +321,109 @@ def inject_positions_fwd_triton(
     return out.reshape(*input_ids.shape, h)
 
 
+def _launch_segment_rows(
+    src: torch.Tensor, keys: torch.Tensor, n_rows: int, scale_range: tuple[int, int], scale: float, out: torch.Tensor
+) -> None:
+    """Sort int32 ``keys`` (values >= n_rows are ignored) and reduce ``src`` rows into ``out``."""
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    h = src.shape[1]
+    n_keys = keys.numel()
+    block_h = min(next_pow2(h), 4096)
+    block_j = max(1, min(16, 8192 // block_h))
+    warps = warps_for(block_j * block_h, elems_per_thread=32, max_warps=8)
+    grid = (n_rows,)
+    compiled = _segment_rows_kernel[grid](
+        src, sorted_keys, perm, out, n_keys, src.shape[0], h, src.stride(0), max(1, n_keys.bit_length()) + 1,
+        scale_range[0], scale_range[1], float(scale),
+        BLOCK_J=block_j, BLOCK_H=block_h, num_warps=warps,
+    )  # fmt: skip
+    record_launch("segment_rows", compiled, grid)
+
+
 def segment_sum_triton(
     src: torch.Tensor, keys: torch.Tensor, n_rows: int, scale: float, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """``out[r] = scale * sum(src[p] for p with keys[p] == r)``; keys outside ``[0, n_rows)`` are ignored.
 
-    ``src [T, H]`` (row-contiguous), ``keys [T]`` int -> ``out [n_rows, H]`` in ``out_dtype``. A
-    deterministic segmented reduction: stable sort of the keys, segment starts by searchsorted,
-    one program per output row.
+    ``src [T, H]``, ``keys [T]`` int -> ``out [n_rows, H]`` in ``out_dtype``. A deterministic
+    segmented reduction (stable sort of the keys, one program per output row, no atomics). Used for
+    the embedding-table gradient; the item / cue gradients use the fused
+    :func:`inject_positions_bwd_triton`.
     """
     check_triton_device(src, "segment_sum")
     h = src.shape[1]
-    dev = src.device
-    out = alloc((n_rows, h), out_dtype, dev)
+    out = alloc((n_rows, h), out_dtype, src.device)
     if n_rows == 0 or h == 0:
         return out
+    if n_rows >= 2**31 - 1:
+        raise ValueError(f"segment_sum: n_rows={n_rows} does not fit the int32 sort keys")
     src = _row_stride(src)
-    keys = keys.reshape(-1).to(torch.int64)
-    keys = torch.where((keys >= 0) & (keys < n_rows), keys, torch.full_like(keys, n_rows))
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    starts = torch.searchsorted(sorted_keys, torch.arange(n_rows + 1, device=dev, dtype=torch.int64))
-    block_h = min(next_pow2(h), 4096)
-    block_j = max(1, min(16, 8192 // block_h))
-    warps = warps_for(block_j * block_h, elems_per_thread=32, max_warps=8)
-    grid = (n_rows,)
-    compiled = _segment_sum_kernel[grid](
-        src, perm, starts, out, h, src.stride(0), float(scale),
-        BLOCK_J=block_j, BLOCK_H=block_h, num_warps=warps,
-    )  # fmt: skip
-    record_launch("segment_sum", compiled, grid)
+    keys = keys.reshape(-1)
+    keys = torch.where((keys >= 0) & (keys < n_rows), keys, n_rows).to(torch.int32)
+    _launch_segment_rows(src, keys, n_rows, (0, n_rows), scale, out)
     return out
+
+
+def inject_positions_bwd_triton(
+    grad_out: torch.Tensor,
+    slot_item: torch.Tensor,
+    slot_abs: torch.Tensor,
+    slot_rel: torch.Tensor,
+    n_item_rows: int,
+    n_abs: int,
+    n_rel: int,
+    abs_scale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Gradients of item rows, abs rows and rel rows in ONE sort + ONE reduction launch.
+
+    Returns ``[n_item_rows + n_abs + n_rel, H]`` (a part with 0 rows is not computed): rows
+    ``[0, n_item_rows)`` = d item_tokens.view(-1, H), then ``abs_scale`` * the abs-cue gradient,
+    then the rel-cue gradient. Every position contributes to up to three keys; keys are built by one
+    small kernel, sorted once (int32, stable) and reduced per target row.
+    """
+    check_triton_device(grad_out, "inject_positions")
+    h = grad_out.shape[-1]
+    total = n_item_rows + n_abs + n_rel
+    dev = grad_out.device
+    out = alloc((total, h), out_dtype, dev)
+    t = slot_item.numel()
+    if total == 0 or h == 0:
+        return out
+    if t == 0:
+        return out.zero_()
+    if total >= 2**31 - 1:
+        raise ValueError(f"inject_positions: {total} gradient rows do not fit the int32 sort keys")
+    g = grad_out.reshape(t, h)
+    g = _row_stride(g)
+    keys = torch.empty(3 * t, dtype=torch.int32, device=dev)
+    block = 1024
+    _build_keys_kernel[(triton.cdiv(t, block),)](
+        slot_item.reshape(-1), slot_abs.reshape(-1), slot_rel.reshape(-1), keys, t,
+        n_item_rows, n_item_rows, n_abs, n_item_rows + n_abs, n_rel, total,
+        BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    _launch_segment_rows(g, keys, total, (n_item_rows, n_item_rows + n_abs), abs_scale, out)
+    return out
+
+
+def _launch_fwd(*args: Any) -> torch.Tensor:
+    # eager: call the launcher directly (custom-op dispatch costs host time); compiled: opaque op
+    if torch.compiler.is_compiling():
+        return torch.ops.speeder_fast.inject_positions_fwd(*args)
+    return inject_positions_fwd_triton(*args)
+
+
+def _launch_bwd(*args: Any) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.speeder_fast.inject_positions_bwd(*args)
+    return inject_positions_bwd_triton(*args)
+
+
+def _launch_segsum(*args: Any) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.speeder_fast.segment_sum(*args)
+    return segment_sum_triton(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +461,28 @@ def _(src, keys, n_rows, scale, out_dtype):  # type: ignore[no-untyped-def]
     return src.new_empty((n_rows, src.shape[1]), dtype=out_dtype)
 
 
+@torch.library.custom_op("speeder_fast::inject_positions_bwd", mutates_args=())
+def _inject_bwd_op(
+    grad_out: torch.Tensor,
+    slot_item: torch.Tensor,
+    slot_abs: torch.Tensor,
+    slot_rel: torch.Tensor,
+    n_item_rows: int,
+    n_abs: int,
+    n_rel: int,
+    abs_scale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return inject_positions_bwd_triton(
+        grad_out, slot_item, slot_abs, slot_rel, n_item_rows, n_abs, n_rel, abs_scale, out_dtype
+    )
+
+
+@_inject_bwd_op.register_fake
+def _(grad_out, slot_item, slot_abs, slot_rel, n_item_rows, n_abs, n_rel, abs_scale, out_dtype):  # type: ignore[no-untyped-def]
+    return grad_out.new_empty((n_item_rows + n_abs + n_rel, grad_out.shape[-1]), dtype=out_dtype)
+
+
 class InjectPositionsFunction(torch.autograd.Function):
     """Autograd wrapper: Triton splice forward, segmented-reduction backward."""
 
@@ -338,18 +499,16 @@ class InjectPositionsFunction(torch.autograd.Function):
         rel_table: Optional[torch.Tensor],
         abs_scale: float,
     ) -> torch.Tensor:
-        out = torch.ops.speeder_fast.inject_positions_fwd(
+        out = _launch_fwd(
             input_ids, embed_table, slot_item, slot_abs, slot_rel, item_tokens, abs_table, rel_table, abs_scale
         )
         ctx.save_for_backward(input_ids, slot_item, slot_abs, slot_rel)
         ctx.abs_scale = abs_scale
         ctx.item_shape = tuple(item_tokens.shape)
-        ctx.item_dtype = item_tokens.dtype
         ctx.emb_rows, ctx.emb_dtype = embed_table.shape[0], embed_table.dtype
         ctx.abs_rows = abs_table.shape[0] if abs_table is not None else 0
-        ctx.abs_dtype = abs_table.dtype if abs_table is not None else None
         ctx.rel_rows = rel_table.shape[0] if rel_table is not None else 0
-        ctx.rel_dtype = rel_table.dtype if rel_table is not None else None
+        ctx.dtypes = [t.dtype if t is not None else None for t in (item_tokens, abs_table, rel_table)]
         return out
 
     @staticmethod
@@ -357,22 +516,20 @@ class InjectPositionsFunction(torch.autograd.Function):
         input_ids, slot_item, slot_abs, slot_rel = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, k, h = ctx.item_shape
-        g = grad_out.reshape(-1, h)
-        si = slot_item.reshape(-1)
-        is_item = si >= 0
-        none = torch.full_like(si, -1)
-        segsum = torch.ops.speeder_fast.segment_sum
+        rows = [n * k if need[5] else 0, ctx.abs_rows if need[6] else 0, ctx.rel_rows if need[7] else 0]
         d_emb = d_item = d_abs = d_rel = None
+        if sum(rows) > 0:
+            dtypes = {d for d, r in zip(ctx.dtypes, rows) if r > 0}
+            out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+            grads = _launch_bwd(grad_out, slot_item, slot_abs, slot_rel, *rows, float(ctx.abs_scale), out_dtype)
+            d_item, d_abs, d_rel = grads.split(rows, dim=0)
+            d_item = d_item.view(n, k, h).to(ctx.dtypes[0]) if need[5] else None
+            d_abs = d_abs.to(ctx.dtypes[1]) if need[6] else None
+            d_rel = d_rel.to(ctx.dtypes[2]) if need[7] else None
         if need[1]:
-            d_emb = segsum(g, torch.where(is_item, none, input_ids.reshape(-1)), ctx.emb_rows, 1.0, ctx.emb_dtype)
-        if need[5]:
-            d_item = segsum(g, si, n * k, 1.0, ctx.item_dtype).view(n, k, h)
-        if need[6]:
-            sa = slot_abs.reshape(-1)
-            d_abs = segsum(g, torch.where(is_item, sa, none), ctx.abs_rows, float(ctx.abs_scale), ctx.abs_dtype)
-        if need[7]:
-            sr = slot_rel.reshape(-1)
-            d_rel = segsum(g, torch.where(is_item, sr, none), ctx.rel_rows, 1.0, ctx.rel_dtype)
+            si = slot_item.reshape(-1)
+            text_keys = torch.where(si >= 0, -1, input_ids.reshape(-1))
+            d_emb = _launch_segsum(grad_out.reshape(-1, h), text_keys, ctx.emb_rows, 1.0, ctx.emb_dtype)
         return None, d_emb, None, None, None, d_item, d_abs, d_rel, None
 
 

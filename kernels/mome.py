@@ -11,23 +11,26 @@ Shapes: ``expert_out [N, M, k, H]``, ``gate_logits [N, M, G]`` with ``G in (1, k
 
 Triton design (Liger-Kernel style: kernels, launchers, autograd.Function, reference in one file):
 
-* forward: one program per output row ``(n, t)``; the ``[M, H]`` expert tile of that row is loaded
-  once (absent modalities are masked out of the load, so they cost no memory traffic), the gate
-  softmax is recomputed from the ``M`` logits in registers, LayerNorm is fused; mean and rstd per
-  row are saved (8 bytes per row) for the backward.
-* backward: a persistent grid (a few programs per SM); each program loops over a contiguous range of
-  rows, recomputes ``mixed`` from the expert tile held in registers, writes ``d expert_out``, the
-  per-token gate-logit gradient (summed over ``k`` in torch when ``G == 1``), and accumulates its
-  ``d ln_weight / d ln_bias`` partial sums in registers; a tiny ``torch.sum`` over programs finishes
-  them (deterministic, no atomics).
+* forward: one program per output row ``(n, t)``; the gate softmax is recomputed from the ``M``
+  logits in registers, the ``M`` expert rows are streamed one at a time into an fp32 ``mixed`` row
+  (absent modalities are masked out of the load, so they cost no memory traffic), LayerNorm is
+  fused; mean and rstd per row are saved (8 bytes per row) for the backward.
+* backward: a grid of row blocks (about ``BWD_PROGRAMS_PER_SM`` programs per SM); each program
+  loops over its rows, recomputes ``mixed``, writes ``d expert_out`` and the gate-logit gradient
+  (directly in ``[N, M, G]`` when ``G == k``; per token then summed over ``k`` in torch when
+  ``G == 1``), and accumulates its ``d ln_weight / d ln_bias`` partial sums in registers; one small
+  ``torch.sum`` over programs finishes them (deterministic, no atomics).
 * all address arithmetic in int64; fp32 math; fp16 / bf16 / fp32 inputs; no host synchronisation.
 
 The launchers are wrapped as ``torch.library.custom_op`` (``speeder_fast::mome_combine_fwd`` /
 ``..._bwd``) with fake (meta) implementations so that ``torch.compile`` treats them as opaque
-nodes; :class:`MomeCombineFunction` supplies the autograd rule.
+nodes (eager calls skip the custom-op dispatch and call the launchers directly, to save host
+time); :class:`MomeCombineFunction` supplies the autograd rule.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +48,10 @@ from ._common import (
     warps_for,
 )
 
-#: largest BLOCK_M * BLOCK_H tile the single-block kernels keep in registers.
-MAX_TILE = 1 << 16
+#: widest row (next power of two of H) the single-block kernels keep in registers.
+MAX_BLOCK_H = 1 << 14
+#: backward row blocks: about this many programs per SM (each writes one [2, H] fp32 partial).
+BWD_PROGRAMS_PER_SM = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _gate_weights(LOGITS, MASK, n, t, M, stride_ln, stride_lm, stride_lt, stride_mn, BLOCK_M: tl.constexpr):
-        """Masked softmax over the M gate logits of item n / token t -> (present [BLOCK_M], w [BLOCK_M])."""
+        """Masked softmax over the M gate logits of item n / token t -> w [BLOCK_M] (0 where absent)."""
         offs_m = tl.arange(0, BLOCK_M)
         m_in = offs_m < M
         present = tl.load(MASK + n * stride_mn + offs_m, mask=m_in, other=0) != 0
@@ -131,8 +136,12 @@ if HAS_TRITON:
         mx = tl.where(mx > float("-inf"), mx, 0.0)  # all-absent item: keep exp() finite
         e = tl.where(present, tl.exp(logit - mx), 0.0)
         s = tl.sum(e, axis=0)
-        w = e / tl.where(s > 0.0, s, 1.0)  # all-absent item -> w == 0
-        return present, w
+        return e / tl.where(s > 0.0, s, 1.0)  # all-absent item -> w == 0
+
+    @triton.jit
+    def _pick(vec, offs, i):
+        """Element i of a small vector as a scalar (exact: one non-zero term)."""
+        return tl.sum(tl.where(offs == i, vec, 0.0), axis=0)
 
     @triton.jit
     def _mome_fwd_kernel(
@@ -142,9 +151,8 @@ if HAS_TRITON:
         LNW,
         LNB,
         Y,
-        MEAN,
-        RSTD,
-        M,
+        STATS,
+        n_rows,
         K,
         H,
         stride_xn,
@@ -155,21 +163,25 @@ if HAS_TRITON:
         stride_lt,
         stride_mn,
         eps,
+        M: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # row = n * K + t
         n = row // K
         t = row - n * K
-        present, w = _gate_weights(LOGITS, MASK, n, t, M, stride_ln, stride_lm, stride_lt, stride_mn, BLOCK_M)
-
         offs_m = tl.arange(0, BLOCK_M)
+        w = _gate_weights(LOGITS, MASK, n, t, M, stride_ln, stride_lm, stride_lt, stride_mn, BLOCK_M)
+
         offs_h = tl.arange(0, BLOCK_H)
         h_in = offs_h < H
-        x_ptrs = X + n * stride_xn + t * stride_xt + offs_m[:, None].to(tl.int64) * stride_xm + offs_h[None, :]
-        # absent modalities are not read at all (masked load -> no memory traffic)
-        x = tl.load(x_ptrs, mask=present[:, None] & h_in[None, :], other=0.0).to(tl.float32)
-        mixed = tl.sum(x * w[:, None], axis=0)  # [BLOCK_H] fp32
+        x_row = X + n * stride_xn + t * stride_xt
+        mixed = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for m in tl.static_range(M):  # one [H] vector live at a time (keeps registers low)
+            w_m = _pick(w, offs_m, m)
+            # absent modalities (w_m == 0) are not read at all: masked load -> no memory traffic
+            x_m = tl.load(x_row + m * stride_xm + offs_h, mask=offs_h < tl.where(w_m != 0.0, H, 0), other=0.0)
+            mixed += w_m * x_m.to(tl.float32)
 
         mean = tl.sum(mixed, axis=0) / H
         diff = tl.where(h_in, mixed - mean, 0.0)
@@ -179,8 +191,8 @@ if HAS_TRITON:
         lnb = tl.load(LNB + offs_h, mask=h_in, other=0.0).to(tl.float32)
         y = diff * rstd * lnw + lnb
         tl.store(Y + row * H + offs_h, y.to(Y.dtype.element_ty), mask=h_in)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
+        tl.store(STATS + row, mean)
+        tl.store(STATS + n_rows + row, rstd)
 
     @triton.jit
     def _mome_bwd_kernel(
@@ -189,15 +201,13 @@ if HAS_TRITON:
         LOGITS,
         MASK,
         LNW,
-        MEAN,
-        RSTD,
+        STATS,
         DX,
         DLOGIT,
-        DW_PART,
-        DB_PART,
+        DWB_PART,
         n_rows,
         rows_per_prog,
-        M,
+        n_prog,
         K,
         H,
         stride_xn,
@@ -207,6 +217,10 @@ if HAS_TRITON:
         stride_lm,
         stride_lt,
         stride_mn,
+        stride_dn,
+        stride_dm,
+        stride_dt,
+        M: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
@@ -226,12 +240,15 @@ if HAS_TRITON:
             row = row_start + i
             n = row // K
             t = row - n * K
-            present, w = _gate_weights(LOGITS, MASK, n, t, M, stride_ln, stride_lm, stride_lt, stride_mn, BLOCK_M)
-            x_off = n * stride_xn + t * stride_xt + offs_m[:, None].to(tl.int64) * stride_xm + offs_h[None, :]
-            x = tl.load(X + x_off, mask=present[:, None] & h_in[None, :], other=0.0).to(tl.float32)
-            mixed = tl.sum(x * w[:, None], axis=0)
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
+            w = _gate_weights(LOGITS, MASK, n, t, M, stride_ln, stride_lm, stride_lt, stride_mn, BLOCK_M)
+            x_row = X + n * stride_xn + t * stride_xt
+            mixed = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for m in tl.static_range(M):
+                w_m = _pick(w, offs_m, m)
+                x_m = tl.load(x_row + m * stride_xm + offs_h, mask=offs_h < tl.where(w_m != 0.0, H, 0), other=0.0)
+                mixed += w_m * x_m.to(tl.float32)
+            mean = tl.load(STATS + row)
+            rstd = tl.load(STATS + n_rows + row)
             xhat = tl.where(h_in, (mixed - mean) * rstd, 0.0)
             dy = tl.load(DY + row * H + offs_h, mask=h_in, other=0.0).to(tl.float32)
             dw_acc += dy * xhat
@@ -240,41 +257,48 @@ if HAS_TRITON:
             c1 = tl.sum(xhat * dxhat, axis=0) / H
             c2 = tl.sum(dxhat, axis=0) / H
             dmixed = tl.where(h_in, (dxhat - (xhat * c1 + c2)) * rstd, 0.0)
-            # d expert_out[n, m, t, :] = w[m] * dmixed (zero for absent modalities, still written)
-            dx = w[:, None] * dmixed[None, :]
-            dx_off = ((n * M + offs_m[:, None].to(tl.int64)) * K + t) * H + offs_h[None, :]
-            tl.store(DX + dx_off, dx.to(DX.dtype.element_ty), mask=m_in[:, None] & h_in[None, :])
-            # softmax backward: dlogit = w * (dw - sum_j w_j dw_j), dw_m = <x_m, dmixed>
-            dwt = tl.sum(x * dmixed[None, :], axis=1)
+            # second pass over the modalities (x re-read hits L1/L2): d expert_out and <x_m, dmixed>
+            dwt = tl.zeros([BLOCK_M], dtype=tl.float32)
+            dx_row = DX + (n * M * K + t) * H
+            for m in tl.static_range(M):
+                w_m = _pick(w, offs_m, m)
+                x_m = tl.load(x_row + m * stride_xm + offs_h, mask=offs_h < tl.where(w_m != 0.0, H, 0), other=0.0)
+                dwt = tl.where(offs_m == m, tl.sum(x_m.to(tl.float32) * dmixed, axis=0), dwt)
+                # zero for absent modalities, but always written
+                tl.store(dx_row + m * K * H + offs_h, (w_m * dmixed).to(DX.dtype.element_ty), mask=h_in)
+            # softmax backward: dlogit = w * (dw - sum_j w_j dw_j)
             dl = w * (dwt - tl.sum(w * dwt, axis=0))
-            tl.store(DLOGIT + row * M + offs_m, dl, mask=m_in)
+            dl_ptr = DLOGIT + n * stride_dn + offs_m.to(tl.int64) * stride_dm + t * stride_dt
+            tl.store(dl_ptr, dl.to(DLOGIT.dtype.element_ty), mask=m_in)
 
-        tl.store(DW_PART + pid.to(tl.int64) * H + offs_h, dw_acc, mask=h_in)
-        tl.store(DB_PART + pid.to(tl.int64) * H + offs_h, db_acc, mask=h_in)
+        part = DWB_PART + pid.to(tl.int64) * H + offs_h
+        tl.store(part, dw_acc, mask=h_in)
+        tl.store(part + n_prog * H, db_acc, mask=h_in)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 def _blocks(m: int, h: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps): one row of H per program, warps by row width (Liger-style)."""
     block_m = max(2, next_pow2(m))
     block_h = next_pow2(h)
-    if block_m * block_h > MAX_TILE:
+    if block_h > MAX_BLOCK_H:
         raise ValueError(
-            f"mome_combine: M={m}, H={h} gives a {block_m}x{block_h} tile > {MAX_TILE} elements; "
-            "the single-block Triton kernel does not support it (use force='torch')"
+            f"mome_combine: H={h} exceeds the single-block Triton kernel's limit {MAX_BLOCK_H} (use force='torch')"
         )
-    return block_m, block_h, warps_for(block_m * block_h, elems_per_thread=16, max_warps=16)
+    warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
+    return block_m, block_h, warps
 
 
-def _prep(
-    expert_out: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    x = expert_out if expert_out.stride(-1) == 1 else expert_out.contiguous()
-    mask8 = mask.to(torch.int8).contiguous()
-    g = gate_logits.shape[2]
-    stride_lt = gate_logits.stride(2) if g > 1 else 0
-    return x, gate_logits, mask8, stride_lt
+def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """The [N, M] mask as bytes without a copy when it is already a bool/uint8/int8 tensor."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    elif mask.dtype not in (torch.uint8, torch.int8):
+        mask = mask != 0
+        mask = mask.view(torch.uint8)
+    return mask if mask.stride(1) == 1 else mask.contiguous()
 
 
 def mome_combine_fwd_triton(
@@ -284,32 +308,43 @@ def mome_combine_fwd_triton(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel -> (out [N, k, H], mean [N*k] fp32, rstd [N*k] fp32)."""
-    _check_shapes(expert_out, gate_logits, mask, ln_weight, ln_bias)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel -> (out [N, k, H], stats [2, N*k] fp32 = mean, rstd).
+
+    Shapes are validated by the public wrappers; this only checks what the kernel itself needs.
+    """
     check_triton_device(expert_out, "mome_combine")
     check_float_dtype(expert_out, "expert_out", "mome_combine")
     n, m, k, h = expert_out.shape
     dev = expert_out.device
     y = alloc((n, k, h), expert_out.dtype, dev)
-    mean = alloc((n * k,), torch.float32, dev)
-    rstd = alloc((n * k,), torch.float32, dev)
+    stats = alloc((2, n * k), torch.float32, dev)
     if n * k == 0 or h == 0:
-        return y, mean, rstd
-    x, logits, mask8, stride_lt = _prep(expert_out, gate_logits, mask)
+        return y, stats
+    x = expert_out if expert_out.stride(-1) == 1 else expert_out.contiguous()
+    mask8 = _mask_bytes(mask)
+    stride_lt = gate_logits.stride(2) if gate_logits.shape[2] > 1 else 0
     block_m, block_h, warps = _blocks(m, h)
     grid = (n * k,)
     compiled = _mome_fwd_kernel[grid](
-        x, logits, mask8, ln_weight.contiguous(), ln_bias.contiguous(), y, mean, rstd,
-        m, k, h,
+        x, gate_logits, mask8, ln_weight, ln_bias, y, stats,
+        n * k, k, h,
         x.stride(0), x.stride(1), x.stride(2),
-        logits.stride(0), logits.stride(1), stride_lt,
+        gate_logits.stride(0), gate_logits.stride(1), stride_lt,
         mask8.stride(0),
         float(eps),
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
+        M=m, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     record_launch("mome_combine_fwd", compiled, grid)
-    return y, mean, rstd
+    return y, stats
+
+
+def _bwd_programs(dev: torch.device, n_rows: int) -> tuple[int, int]:
+    """(programs, rows per program) for the backward: many small row blocks (several resident per
+    SM hide the serial per-row latency), each writing one [H] partial of d ln_weight / d ln_bias."""
+    n_prog = persistent_programs(dev, n_rows, per_sm=BWD_PROGRAMS_PER_SM)
+    rows_per_prog = -(-n_rows // n_prog)
+    return -(-n_rows // rows_per_prog), rows_per_prog  # no program without rows
 
 
 def mome_combine_bwd_triton(
@@ -318,10 +353,9 @@ def mome_combine_bwd_triton(
     gate_logits: torch.Tensor,
     mask: torch.Tensor,
     ln_weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel -> (d expert_out, d gate_logits, d ln_weight, d ln_bias)."""
+    stats: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel -> (d expert_out, d gate_logits, d [ln_weight; ln_bias] as [2, H])."""
     n, m, k, h = expert_out.shape
     g = gate_logits.shape[2]
     dev = expert_out.device
@@ -329,41 +363,47 @@ def mome_combine_bwd_triton(
     n_rows = n * k
     if n_rows == 0 or h == 0:
         dx.zero_()
-        return (
-            dx,
-            torch.zeros_like(gate_logits),
-            torch.zeros_like(ln_weight),
-            torch.zeros_like(ln_weight),
-        )
-    x, logits, mask8, stride_lt = _prep(expert_out, gate_logits, mask)
-    dy = grad_out.contiguous()
+        return dx, torch.zeros_like(gate_logits), torch.zeros((2, h), dtype=ln_weight.dtype, device=dev)
+    x = expert_out if expert_out.stride(-1) == 1 else expert_out.contiguous()
+    mask8 = _mask_bytes(mask)
+    stride_lt = gate_logits.stride(2) if g > 1 else 0
+    dy = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
     block_m, block_h, warps = _blocks(m, h)
-    n_prog = persistent_programs(dev, n_rows)
-    rows_per_prog = -(-n_rows // n_prog)
-    n_prog = -(-n_rows // rows_per_prog)  # no program without rows
-    dlogit = alloc((n_rows, m), torch.float32, dev)
-    dw_part = alloc((n_prog, h), torch.float32, dev)
-    db_part = alloc((n_prog, h), torch.float32, dev)
+    n_prog, rows_per_prog = _bwd_programs(dev, n_rows)
+    if g == k:  # per-token gate (or k == 1): write d gate_logits [N, M, G] directly
+        dlogit = alloc((n, m, g), gate_logits.dtype, dev)
+        sd = (dlogit.stride(0), dlogit.stride(1), dlogit.stride(2) if g > 1 else 0)
+    else:  # one gate per item, k > 1: per-token fp32 rows, summed over k below
+        dlogit = alloc((n, k, m), torch.float32, dev)
+        sd = (dlogit.stride(0), dlogit.stride(2), dlogit.stride(1))
+    dwb_part = alloc((2, n_prog, h), torch.float32, dev)
     grid = (n_prog,)
     compiled = _mome_bwd_kernel[grid](
-        dy, x, logits, mask8, ln_weight.contiguous(), mean, rstd, dx, dlogit, dw_part, db_part,
-        n_rows, rows_per_prog, m, k, h,
+        dy, x, gate_logits, mask8, ln_weight, stats, dx, dlogit, dwb_part,
+        n_rows, rows_per_prog, n_prog, k, h,
         x.stride(0), x.stride(1), x.stride(2),
-        logits.stride(0), logits.stride(1), stride_lt,
+        gate_logits.stride(0), gate_logits.stride(1), stride_lt,
         mask8.stride(0),
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
+        sd[0], sd[1], sd[2],
+        M=m, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     record_launch("mome_combine_bwd", compiled, grid)
-    dl = dlogit.view(n, k, m)
-    d_logits = dl.sum(1).unsqueeze(-1) if g == 1 else dl.permute(0, 2, 1)
-    d_w = dw_part.sum(0)
-    d_b = db_part.sum(0)
-    return (
-        dx,
-        d_logits.to(gate_logits.dtype).contiguous(),
-        d_w.to(ln_weight.dtype),
-        d_b.to(ln_weight.dtype),
-    )
+    if g != k:
+        dlogit = dlogit.sum(1, keepdim=True).transpose(1, 2).to(gate_logits.dtype).contiguous()
+    return dx, dlogit, dwb_part.sum(1).to(ln_weight.dtype)
+
+
+def _launch_fwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    # eager: call the launcher directly (custom-op dispatch costs host time); compiled: opaque op
+    if torch.compiler.is_compiling():
+        return torch.ops.speeder_fast.mome_combine_fwd(*args)
+    return mome_combine_fwd_triton(*args)
+
+
+def _launch_bwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return torch.ops.speeder_fast.mome_combine_bwd(*args)
+    return mome_combine_bwd_triton(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,18 +417,14 @@ def _mome_fwd_op(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return mome_combine_fwd_triton(expert_out, gate_logits, mask, ln_weight, ln_bias, eps)
 
 
 @_mome_fwd_op.register_fake
 def _(expert_out, gate_logits, mask, ln_weight, ln_bias, eps):  # type: ignore[no-untyped-def]
     n, m, k, h = expert_out.shape
-    return (
-        expert_out.new_empty((n, k, h)),
-        expert_out.new_empty((n * k,), dtype=torch.float32),
-        expert_out.new_empty((n * k,), dtype=torch.float32),
-    )
+    return expert_out.new_empty((n, k, h)), expert_out.new_empty((2, n * k), dtype=torch.float32)
 
 
 @torch.library.custom_op("speeder_fast::mome_combine_bwd", mutates_args=())
@@ -398,19 +434,17 @@ def _mome_bwd_op(
     gate_logits: torch.Tensor,
     mask: torch.Tensor,
     ln_weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mome_combine_bwd_triton(grad_out, expert_out, gate_logits, mask, ln_weight, mean, rstd)
+    stats: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mome_combine_bwd_triton(grad_out, expert_out, gate_logits, mask, ln_weight, stats)
 
 
 @_mome_bwd_op.register_fake
-def _(grad_out, expert_out, gate_logits, mask, ln_weight, mean, rstd):  # type: ignore[no-untyped-def]
+def _(grad_out, expert_out, gate_logits, mask, ln_weight, stats):  # type: ignore[no-untyped-def]
     return (
         torch.empty_like(expert_out, memory_format=torch.contiguous_format),
         torch.empty_like(gate_logits, memory_format=torch.contiguous_format),
-        torch.empty_like(ln_weight),
-        torch.empty_like(ln_weight),
+        ln_weight.new_empty((2, ln_weight.shape[0])),
     )
 
 
@@ -427,16 +461,15 @@ class MomeCombineFunction(torch.autograd.Function):
         ln_bias: torch.Tensor,
         eps: float,
     ) -> torch.Tensor:
-        y, mean, rstd = torch.ops.speeder_fast.mome_combine_fwd(expert_out, gate_logits, mask, ln_weight, ln_bias, eps)
-        ctx.save_for_backward(expert_out, gate_logits, mask, ln_weight, mean, rstd)
+        y, stats = _launch_fwd(expert_out, gate_logits, mask, ln_weight, ln_bias, eps)
+        ctx.save_for_backward(expert_out, gate_logits, mask, ln_weight, stats)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        expert_out, gate_logits, mask, ln_weight, mean, rstd = ctx.saved_tensors
-        dx, dl, dw, db = torch.ops.speeder_fast.mome_combine_bwd(
-            grad_out, expert_out, gate_logits, mask, ln_weight, mean, rstd
-        )
+        expert_out, gate_logits, mask, ln_weight, stats = ctx.saved_tensors
+        dx, dl, dwb = _launch_bwd(grad_out, expert_out, gate_logits, mask, ln_weight, stats)
+        dw, db = dwb.unbind(0)
         need = ctx.needs_input_grad
         return (
             dx if need[0] else None,
@@ -458,4 +491,6 @@ def mome_combine_triton(
 ) -> torch.Tensor:
     """Differentiable Triton MoME combine (same contract as :func:`mome_combine_reference`)."""
     _check_shapes(expert_out, gate_logits, mask, ln_weight, ln_bias)
+    if ln_weight.stride(0) != 1 or ln_bias.stride(0) != 1:
+        ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
     return MomeCombineFunction.apply(expert_out, gate_logits, mask, ln_weight, ln_bias, float(eps))

@@ -279,6 +279,9 @@ def test_inject_custom_ops_opcheck() -> None:
     torch.library.opcheck(torch.ops.speeder_fast.inject_positions_fwd.default, (*args[:6], None, None, 1.0))
     keys = inp["slot_item"].reshape(-1)
     torch.library.opcheck(torch.ops.speeder_fast.segment_sum.default, (dy.reshape(-1, 16), keys, 4, 1.0, torch.float32))
+    slots = (inp["slot_item"], inp["slot_abs"], inp["slot_rel"])
+    torch.library.opcheck(torch.ops.speeder_fast.inject_positions_bwd.default, (dy, *slots, 4, 9, 7, 0.5, torch.float32))
+    torch.library.opcheck(torch.ops.speeder_fast.inject_positions_bwd.default, (dy, *slots, 4, 0, 0, 1.0, torch.float32))
     assert InjectPositionsFunction is not None
 
 
@@ -303,3 +306,24 @@ def test_inject_int64_offsets_cuda() -> None:
     ref = inject_positions_reference(ids[tail], emb, si[tail], none[tail], none[tail], items, None, None)
     assert torch.equal(out[tail], ref)
     assert torch.isfinite(out[:: 8192]).all()
+
+
+def test_inject_mixed_table_dtypes() -> None:
+    """bf16 item tokens with fp32 cue tables: the fused backward reduces in fp32 and casts per table."""
+    c = Case((3, 10), n=4, k=2, h=40, slot_frac=0.7)
+    inp = make_inputs(c, _seed("mixed"))
+    dy = inp.pop("dy").to(torch.bfloat16)
+    inp["item_tokens"] = inp["item_tokens"].to(torch.bfloat16)
+    names = ("item_tokens", "abs_table", "rel_table")
+    for n in names:
+        inp[n].requires_grad_(True)
+    with poison_outputs():
+        out = inject_positions(**inp, abs_scale=2.0, force="triton")
+        grads = torch.autograd.grad(out, [inp[n] for n in names], dy)
+    ref_in = dict(inp, **{n: inp[n].detach().float().requires_grad_(True) for n in names})
+    ref = inject_positions_reference(**ref_in, abs_scale=2.0)
+    ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in names], dy.float())
+    assert_close_scaled(out, ref, torch.bfloat16, "out")
+    for n, a, e in zip(names, grads, ref_grads):
+        assert a.dtype == inp[n].dtype, n
+        assert_close_scaled(a, e, torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32, f"d {n}")

@@ -135,13 +135,12 @@ def test_poison_catches_missed_rows() -> None:
     x, logits, mask, ln_w, ln_b, _ = make_inputs(n, m, k, h, 1, torch.float32, _seed("poison"))
     with poison_outputs():
         y = mome_mod.alloc((n, k, h), torch.float32, DEVICE)
-        mean = mome_mod.alloc((n * k,), torch.float32, DEVICE)
-        rstd = mome_mod.alloc((n * k,), torch.float32, DEVICE)
+        stats = mome_mod.alloc((2, n * k), torch.float32, DEVICE)
     mask8 = mask.to(torch.int8)
     mome_mod._mome_fwd_kernel[(n * k - 1,)](
-        x, logits, mask8, ln_w, ln_b, y, mean, rstd, m, k, h,
+        x, logits, mask8, ln_w, ln_b, y, stats, n * k, k, h,
         x.stride(0), x.stride(1), x.stride(2), logits.stride(0), logits.stride(1), 0, mask8.stride(0), 1e-5,
-        BLOCK_M=2, BLOCK_H=64,
+        M=m, BLOCK_M=2, BLOCK_H=64,
     )  # fmt: skip
     assert torch.isfinite(y.view(-1, h)[:-1]).all()
     assert torch.isnan(y.view(-1, h)[-1]).all()
@@ -227,10 +226,9 @@ def test_mome_torch_compile_inductor_torch_path() -> None:
 def test_mome_custom_ops_opcheck() -> None:
     x, logits, mask, ln_w, ln_b, dy = make_inputs(3, 3, 2, 32, 2, torch.float32, _seed("opcheck"))
     torch.library.opcheck(torch.ops.speeder_fast.mome_combine_fwd.default, (x, logits, mask, ln_w, ln_b, 1e-5))
-    _, mean, rstd = torch.ops.speeder_fast.mome_combine_fwd(x, logits, mask, ln_w, ln_b, 1e-5)
-    torch.library.opcheck(
-        torch.ops.speeder_fast.mome_combine_bwd.default, (dy, x, logits, mask, ln_w, mean, rstd)
-    )
+    for g_logits in (logits, logits[:, :, :1].contiguous()):  # G == k and G == 1
+        _, stats = torch.ops.speeder_fast.mome_combine_fwd(x, g_logits, mask, ln_w, ln_b, 1e-5)
+        torch.library.opcheck(torch.ops.speeder_fast.mome_combine_bwd.default, (dy, x, g_logits, mask, ln_w, stats))
     assert MomeCombineFunction is not None
 
 
