@@ -165,7 +165,7 @@ class SpeederRecModel(nn.Module):
     def input_embeds(self, batch: PromptBatch) -> torch.Tensor:
         """Input embeddings [B, L, H]: token embeddings, item tokens (+ SPAE cues) at slots."""
         table = self.embed.weight
-        if self.mome is None:
+        if self.mome is None or batch.unique_items.numel() == 0:  # shape check only, no device sync
             return F.embedding(batch.input_ids, table)
         tokens = self.item_tokens(batch)
         pos = self.positions if self.positions is not None else SPAE(1, 1, False, False)

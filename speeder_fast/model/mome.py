@@ -122,6 +122,8 @@ class MoME(nn.Module):
         """Soft tokens of ``items`` (int64 [U]) -> [U, k, H] (float32)."""
         U = items.shape[0]
         M, k, H = len(self.modalities), self.k, self.hidden_size
+        if U == 0:
+            return self.ln_bias.new_zeros(0, k, H)
         feats = [self.features_of(m)[items] for m in self.modalities]
         outs = []
         for m, x in zip(self.modalities, feats):

@@ -197,7 +197,7 @@ class PromptBuilder:
         if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == n:
             return wanted, np.asarray([x[0] for x in ids], dtype=np.int64)
         specials = [f"<|cand_{i}|>" for i in range(n)]
-        self.tok.add_special_tokens({"additional_special_tokens": specials}, replace_additional_special_tokens=False)
+        self.tok.add_tokens(specials, special_tokens=True)
         self.added_tokens = specials
         ids2 = [self.tok.convert_tokens_to_ids(s) for s in specials]
         return specials, np.asarray(ids2, dtype=np.int64)

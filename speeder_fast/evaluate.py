@@ -1,0 +1,288 @@
+"""Evaluate a trained run on the persisted validation/test candidates.
+
+    python -m speeder_fast.evaluate --run runs/DIR [--split test] [--mode score|generate]
+                                    [--max-examples N] [--batch-size B] [--checkpoint final]
+
+Metrics (every example has ``N`` persisted candidates that contain the target once):
+
+* ``VHR@1``: correct answers / all examples (an invalid answer is a miss) -- the Speeder metric.
+* ``ValidRatio``: valid answers / all examples. Score mode always answers validly (the argmax over
+  the candidate label tokens); in generate mode an answer is valid iff the greedy continuation
+  equals exactly one candidate's title.
+* ``HR@1``: correct / valid answers (LLaRA's convention).
+* ``HR@5``, ``HR@10``, ``NDCG@5``, ``NDCG@10``: from the label-token ranking (score mode only).
+
+Results are broken down by history length, written to ``eval_<split>_<mode>.json`` (+ ``.md``)
+in the run folder, and printed as a markdown table. A SASRec row (the collaborative encoder
+ranking the same persisted candidates) is added when the run trained one (``sasrec.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from speeder_fast.data.dataset import PreparedData
+from speeder_fast.metrics import hit_rate, ndcg, rank_of_target
+from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
+
+log = get_logger("speeder_fast.evaluate")
+
+#: history-length buckets (inclusive bounds) for the breakdown
+BUCKETS = ((1, 3), (4, 6), (7, 9), (10, 10**9))
+
+
+def bucket_name(lo: int, hi: int) -> str:
+    return f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}"
+
+
+def select_examples(n: int, max_examples: int, seed: int = 0) -> np.ndarray:
+    """Indices of the evaluated examples: all, or a seeded random subset of ``max_examples`` (sorted)."""
+    if max_examples <= 0 or max_examples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
+
+
+def summarize(correct: np.ndarray, valid: np.ndarray, ranks: np.ndarray | None) -> dict[str, Any]:
+    """Metric dict of one group of examples (see module docstring)."""
+    n = int(len(correct))
+    out: dict[str, Any] = {"n": n}
+    if n == 0:
+        return out
+    nv = int(valid.sum())
+    out["VHR@1"] = float(correct.sum() / n)
+    out["ValidRatio"] = float(nv / n)
+    out["HR@1"] = float(correct.sum() / nv) if nv else 0.0
+    if ranks is not None:
+        r = torch.from_numpy(ranks)
+        for k in (5, 10):
+            out[f"HR@{k}"] = hit_rate(r, k)
+        for k in (5, 10):
+            out[f"NDCG@{k}"] = ndcg(r, k)
+    return out
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: Any,
+    builder: Any,
+    prepared: PreparedData,
+    split: str,
+    mode: str = "score",
+    max_examples: int = 0,
+    batch_size: int = 16,
+    generate_max_tokens: int = 48,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score or generate answers for ``split`` with ``model`` and return the metric dict."""
+    from tqdm.auto import tqdm
+
+    from speeder_fast.model.llm import match_generated
+
+    if mode not in ("score", "generate"):
+        raise ValueError(f"mode must be score or generate, got {mode!r}")
+    sa = prepared.split(split)
+    cands = prepared.candidates(split)
+    idx = select_examples(len(sa), max_examples, seed)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    correct, valid, ranks, ptoks, hlen, texts = [], [], [], [], [], []
+    bar = tqdm(range(0, len(idx), batch_size), desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)
+    for s in bar:
+        rows = idx[s : s + batch_size]
+        batch = builder.build(
+            sa.histories[rows], sa.lengths[rows], cands[rows], sa.targets[rows], with_answer=False,
+            padding_side="left" if mode == "generate" else "right",
+        )
+        ptoks.append(batch.prompt_tokens.numpy())
+        hlen.append(batch.history_lengths.numpy())
+        tgt = batch.target_idx
+        b = batch.to(device)
+        if mode == "score":
+            scores = model.score(b).float().cpu()
+            r = rank_of_target(scores, tgt, check=False).numpy()
+            ranks.append(r)
+            correct.append(r == 0)
+            valid.append(np.ones(len(rows), dtype=bool))
+        else:
+            gen = model.generate(b, generate_max_tokens, builder.eos_id, builder.pad_id)
+            txt, pred = match_generated(builder, gen, batch.candidates)
+            texts.extend(txt)
+            correct.append((pred == tgt).numpy())
+            valid.append((pred >= 0).numpy())
+    if was_training:
+        model.train()
+    seconds = time.perf_counter() - t0
+    correct_a = np.concatenate(correct) if correct else np.zeros(0, bool)
+    valid_a = np.concatenate(valid) if valid else np.zeros(0, bool)
+    ranks_a = np.concatenate(ranks) if ranks else None
+    hlen_a = np.concatenate(hlen) if hlen else np.zeros(0, np.int64)
+    out = summarize(correct_a, valid_a, ranks_a)
+    out.update(
+        split=split,
+        mode=mode,
+        n_candidates=int(cands.shape[1]),
+        prompt_tokens_mean=float(np.concatenate(ptoks).mean()) if ptoks else 0.0,
+        seconds=seconds,
+        examples_per_s=len(idx) / seconds if seconds > 0 else 0.0,
+        random_hr1=1.0 / cands.shape[1],
+    )
+    buckets = {}
+    for lo, hi in BUCKETS:
+        m = (hlen_a >= lo) & (hlen_a <= hi)
+        if m.any():
+            buckets[bucket_name(lo, hi)] = summarize(correct_a[m], valid_a[m], None if ranks_a is None else ranks_a[m])
+    out["by_history_length"] = buckets
+    if texts:
+        out["generated_examples"] = texts[:5]
+    return out
+
+
+# ---------------------------------------------------------------------------------- SASRec row
+def sasrec_reference(run_dir: Path, prepared: PreparedData, split: str, max_examples: int, seed: int = 0) -> dict | None:
+    """SASRec metrics on the same persisted candidates and examples, or None when no SASRec exists."""
+    path = Path(run_dir) / "sasrec.safetensors"
+    if not path.is_file():
+        return None
+    from speeder_fast.features.sasrec import load_sasrec
+
+    model = load_sasrec(path, "cpu")
+    sa = prepared.split(split)
+    cands = prepared.candidates(split)
+    idx = select_examples(len(sa), max_examples, seed)
+    seqs = prepared.dataset.sequences
+    cut = 2 if split == "valid" else 1
+    L = model.max_len
+    ranks = []
+    for s in range(0, len(idx), 512):
+        rows = idx[s : s + 512]
+        x = np.zeros((len(rows), L), np.int64)  # left-padded, ids shifted by +1 (0 = padding)
+        for i, r in enumerate(rows):
+            u = sa.users[r]
+            h = seqs[u][: len(seqs[u]) - cut][-L:]
+            if len(h):
+                x[i, L - len(h) :] = h + 1
+        with torch.no_grad():
+            h = model(torch.from_numpy(x))[:, -1]
+            scores = model.score_all(h).float()
+        c = torch.from_numpy(cands[rows])
+        tgt = torch.from_numpy(sa.targets[rows])
+        cidx = (c == tgt[:, None]).long().argmax(1)
+        ranks.append(rank_of_target(scores.gather(1, c), cidx, check=False).numpy())
+    r = np.concatenate(ranks)
+    out = summarize(r == 0, np.ones(len(r), bool), r)
+    out.update(split=split, mode="sasrec")
+    return out
+
+
+# ---------------------------------------------------------------------------------- tables
+COLUMNS = ("VHR@1", "ValidRatio", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+
+def format_table(rows: list[tuple[str, dict | None]]) -> str:
+    """Markdown table of named metric dicts (None -> an n/a row)."""
+    head = "| model | n | " + " | ".join(COLUMNS) + " | tokens/prompt |"
+    sep = "|" + "---|" * (len(COLUMNS) + 3)
+    lines = [head, sep]
+    for name, m in rows:
+        if m is None:
+            lines.append(f"| {name} | n/a | " + " | ".join("n/a" for _ in COLUMNS) + " | n/a |")
+            continue
+        vals = [_fmt(m.get(c)) for c in COLUMNS]
+        pt = m.get("prompt_tokens_mean")
+        lines.append(f"| {name} | {m.get('n', 'n/a')} | " + " | ".join(vals) + f" | {_fmt(pt) if pt else 'n/a'} |")
+    return "\n".join(lines)
+
+
+def format_buckets(result: dict) -> str:
+    """Markdown table of the history-length breakdown."""
+    lines = ["| history length | n | VHR@1 | ValidRatio | HR@1 | NDCG@10 |", "|---|---|---|---|---|---|"]
+    for name, m in result.get("by_history_length", {}).items():
+        lines.append(
+            f"| {name} | {m['n']} | {_fmt(m.get('VHR@1'))} | {_fmt(m.get('ValidRatio'))} | {_fmt(m.get('HR@1'))} | {_fmt(m.get('NDCG@10'))} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str) -> str:
+    """Write ``eval_<split>_<mode>.json`` and ``.md``; return the markdown."""
+    split, mode = result["split"], result["mode"]
+    md = (
+        f"## {label}: {split} split, {mode} mode, {result['n']} examples, {result['n_candidates']} candidates "
+        f"(random HR@1 = {result['random_hr1']:.4f})\n\n"
+        + format_table([(label, result), ("SASRec (same candidates)", sasrec)])
+        + "\n\nBy history length:\n\n"
+        + format_buckets(result)
+        + "\n"
+    )
+    atomic_write_json(Path(run_dir) / f"eval_{split}_{mode}.json", {"result": result, "sasrec": sasrec})
+    atomic_write_text(Path(run_dir) / f"eval_{split}_{mode}.md", md)
+    return md
+
+
+# ---------------------------------------------------------------------------------- run level
+def evaluate_run(
+    run_dir: str | Path,
+    split: str | None = None,
+    mode: str | None = None,
+    max_examples: int | None = None,
+    batch_size: int | None = None,
+    checkpoint: str = "final",
+    device: str | None = None,
+    progress: bool = True,
+    prepared: PreparedData | None = None,
+) -> tuple[dict, dict | None, str]:
+    """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown)."""
+    from speeder_fast.training.run import load_run
+
+    comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared)
+    cfg = comp.cfg
+    split = split or cfg.eval.split
+    mode = mode or cfg.prompt.answer_mode
+    n_max = cfg.eval.max_examples if max_examples is None else max_examples
+    result = evaluate_split(
+        comp.model, comp.builder, comp.prepared, split, mode, n_max, batch_size or cfg.eval.batch_size,
+        cfg.eval.generate_max_tokens, comp.device, seed=cfg.seed, progress=progress,
+    )
+    result["checkpoint"] = checkpoint
+    sas = sasrec_reference(Path(run_dir), comp.prepared, split, n_max, seed=cfg.seed)
+    label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
+    md = write_report(Path(run_dir), result, sas, label)
+    return result, sas, md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m speeder_fast.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run folder written by speeder_fast.train")
+    ap.add_argument("--split", choices=["valid", "test"], default=None, help="default: eval.split of the run")
+    ap.add_argument("--mode", choices=["score", "generate"], default=None, help="default: prompt.answer_mode of the run")
+    ap.add_argument("--max-examples", type=int, default=None, help="0 = all (default: eval.max_examples of the run)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--checkpoint", default="final", help="checkpoint folder name under RUN/checkpoints (final, best, stage1, ...)")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's device setting)")
+    args = ap.parse_args(argv)
+    if not Path(args.run).is_dir():
+        print(f"error: run folder {args.run} does not exist", file=sys.stderr)
+        return 2
+    _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint, args.device)
+    print(md)
+    print(f"written to {Path(args.run).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Building the pieces of a run (data, tokenizer, prompt builder, LLM, MoME, SPAE) and its files.
+
+A run folder holds::
+
+    config.toml                    resolved configuration (round-trips through load_config)
+    tokenizer_additions.json       special tokens added to the tokenizer (candidate labels), if any
+    item_features.safetensors      MRC input features per modality (+ presence masks)
+    sasrec.safetensors             the collaborative encoder, when the collab modality was built
+    metrics.jsonl                  training/eval log, one JSON object per line
+    checkpoints/<name>/trainable.safetensors + state.json   (final, best, stage1, step120, ...)
+    eval_<split>_<mode>.json/.md   evaluation results
+
+Checkpoints hold only what is trained (LoRA, MoME, SPAE, and the embedding rows of added tokens);
+the frozen base model is re-loaded from ``model.llm``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speeder_fast.config import Config, load_config, to_toml
+from speeder_fast.data.dataset import PreparedData
+from speeder_fast.utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, get_logger, resolve_device
+
+log = get_logger("speeder_fast.training")
+
+FEATURES_FILE = "item_features.safetensors"
+SASREC_FILE = "sasrec.safetensors"
+ADDITIONS_FILE = "tokenizer_additions.json"
+
+
+@dataclass
+class Components:
+    """Everything training and evaluation need, built from one :class:`Config`."""
+
+    cfg: Config
+    device: torch.device
+    prepared: PreparedData
+    tokenizer: Any
+    builder: Any  # PromptBuilder
+    model: Any  # SpeederRecModel
+    modalities: list[str] = field(default_factory=list)  # modalities with features (speeder paradigm)
+    feature_info: dict = field(default_factory=dict)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """``output_dir/run_name`` (default: timestamp + paradigm + data name); created."""
+    name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.prompt.paradigm}-{Path(cfg.data.source).name}"
+    d = Path(cfg.output_dir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ------------------------------------------------------------------------------ item features
+def save_features(path: Path, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    tensors = {}
+    for m, (x, mask) in features.items():
+        tensors[f"{m}.features"] = x.detach().float().cpu()
+        tensors[f"{m}.mask"] = mask.detach().to(torch.uint8).cpu()
+    atomic_save_safetensors(tensors, path, metadata={"modalities": json.dumps(list(features))})
+
+
+def load_features(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        mods = json.loads((f.metadata() or {}).get("modalities", "[]"))
+    t = load_file(str(path))
+    return {m: (t[f"{m}.features"], t[f"{m}.mask"].bool()) for m in mods}
+
+
+def compute_features(cfg: Config, prepared: PreparedData, llm: Any, tokenizer: Any, device: torch.device,
+                     run_dir: Path | None, progress: bool = True) -> tuple[dict, dict]:
+    """Item features for the configured modalities; returns ``(features, info)``.
+
+    text/image come from ``speeder_fast.features.build_item_features`` (cached in the feature
+    store). collab trains SASRec here (``train_sasrec``, a stage before the LLM) so that the model
+    itself can be kept in ``run_dir/sasrec.safetensors`` for the SASRec reference row of the
+    evaluation. Modalities the dataset lacks are skipped with a log line.
+    """
+    import dataclasses
+
+    from speeder_fast.features import build_item_features
+    from speeder_fast.features.sasrec import SASRecConfig, sasrec_item_embeddings, save_sasrec, train_sasrec
+    from speeder_fast.model.llm import base_model
+
+    info: dict = {}
+    raw: dict = {}
+    other = [m for m in cfg.features.modalities if m != "collab"]
+    if other:
+        fcfg = dataclasses.replace(cfg.features, modalities=other)
+        raw.update(build_item_features(prepared, fcfg, (tokenizer, base_model(llm)), device, progress=progress))
+    if "collab" in cfg.features.modalities:
+        scfg = SASRecConfig(dim=cfg.features.sasrec_dim, epochs=cfg.features.sasrec_epochs, seed=cfg.seed)
+        t0 = time.perf_counter()
+        sas, metrics = train_sasrec(prepared, scfg, device=device, progress=progress)
+        info["sasrec"] = {k: metrics.get(k) for k in ("test_candidates", "valid_candidates", "test_full", "best_epoch",
+                                                      "epochs_run", "epoch_seconds")}
+        info["sasrec"]["seconds"] = time.perf_counter() - t0
+        raw["collab"] = sasrec_item_embeddings(sas, prepared)
+        if run_dir is not None:
+            save_sasrec(sas.cpu(), run_dir / SASREC_FILE)
+            atomic_write_json(run_dir / "sasrec_metrics.json", metrics)
+    feats = {}
+    for m in cfg.features.modalities:
+        if m not in raw:
+            log.info("modality %r: no features for dataset %s, skipped", m, prepared.dataset.name)
+            continue
+        x, mask = raw[m]
+        mask = torch.as_tensor(mask).bool().cpu()
+        if not bool(mask.any()):
+            log.info("modality %r: no item has it in %s, skipped", m, prepared.dataset.name)
+            continue
+        feats[m] = (torch.as_tensor(x).float().cpu(), mask)
+        log.info("modality %r: %d-dim features, %.1f%% of items present", m, x.shape[1], 100.0 * float(mask.float().mean()))
+    return feats, info
+
+
+# ------------------------------------------------------------------------------ components
+def build_components(cfg: Config, run_dir: Path | None = None, features: dict | None = None,
+                     added_tokens: list[str] | None = None, device: torch.device | None = None,
+                     progress: bool = True, prepared: PreparedData | None = None) -> Components:
+    """Prepare data, load tokenizer + LLM (+ LoRA), build MoME/SPAE (speeder paradigm).
+
+    ``features``: precomputed item features (evaluation reloads them from the run); when None and
+    the paradigm is ``speeder`` they are computed (and saved to ``run_dir``). ``prepared``: use this
+    dataset instead of ``prepare(cfg.data)`` (tests, notebooks).
+    """
+    from speeder_fast.data import prepare
+    from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms, load_llm, load_tokenizer
+    from speeder_fast.utils import seed_everything
+
+    seed_everything(cfg.seed)
+    device = device or resolve_device(cfg.device)
+    prepared = prepared if prepared is not None else prepare(cfg.data)
+    tok = load_tokenizer(cfg.model.llm)
+    if added_tokens:
+        tok.add_tokens(list(added_tokens), special_tokens=True)
+    builder = PromptBuilder(
+        tok, prepared.dataset, cfg.prompt, cfg.data.n_candidates, cfg.data.max_history,
+        cfg.model.n_item_tokens, cfg.model.spae_ordinal_text,
+    )
+    if added_tokens and not builder.added_tokens:
+        builder.added_tokens = list(added_tokens)
+    llm = load_llm(cfg.model, device, tok, seed=cfg.seed)
+    mome = positions = None
+    info: dict = {}
+    mods: list[str] = []
+    if cfg.prompt.paradigm == "speeder":
+        if features is None:
+            features, info = compute_features(cfg, prepared, llm, tok, device, run_dir, progress)
+            if run_dir is not None:
+                save_features(run_dir / FEATURES_FILE, features)
+        if not features:
+            raise ValueError(f"paradigm speeder: none of the modalities {cfg.features.modalities} has features "
+                             f"for dataset {prepared.dataset.name}")
+        mods = list(features)
+        H = llm.get_input_embeddings().weight.shape[1]
+        rms = embedding_rms(llm)
+        torch.manual_seed(cfg.seed)
+        mome = MoME(features, H, cfg.model.n_item_tokens, cfg.model.expert_hidden, cfg.model.per_token_gate, rms,
+                    kernels_force=cfg.model.use_kernels)
+        positions = SPAE(H, cfg.model.max_positions, cfg.model.spae_absolute, cfg.model.spae_relative, init_std=0.1 * rms,
+                         kernels_force=cfg.model.use_kernels)
+    model = SpeederRecModel(llm, mome, positions)
+    if mome is not None:
+        mome.to(device)
+        positions.to(device)
+    return Components(cfg, device, prepared, tok, builder, model, mods, info)
+
+
+# ------------------------------------------------------------------------------ run files and checkpoints
+def write_run_files(run_dir: Path, comp: Components) -> None:
+    """Resolved config + tokenizer additions (+ their embedding rows)."""
+    atomic_write_text(run_dir / "config.toml", to_toml(comp.cfg))
+    adds = comp.builder.added_tokens
+    atomic_write_json(run_dir / ADDITIONS_FILE, {
+        "added_special_tokens": adds,
+        "label_strings": comp.builder.label_strings,
+        "label_token_ids": [int(i) for i in comp.builder.label_ids],
+    })
+
+
+def added_embedding_rows(comp: Components) -> dict[str, torch.Tensor]:
+    if not comp.builder.added_tokens:
+        return {}
+    ids = torch.tensor([comp.tokenizer.convert_tokens_to_ids(t) for t in comp.builder.added_tokens])
+    w = comp.model.embed.weight.detach()
+    return {"added_embeddings": w[ids.to(w.device)].float().cpu()}
+
+
+def save_checkpoint(run_dir: Path, name: str, comp: Components, state: dict) -> Path:
+    """Write ``checkpoints/<name>/`` atomically (weights then state.json) and return the folder."""
+    d = run_dir / "checkpoints" / name
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float().cpu() for k, v in comp.model.trainable_state_dict().items()}
+    tensors.update(added_embedding_rows(comp))
+    atomic_save_safetensors(tensors, d / "trainable.safetensors", metadata={"format": "speeder_fast.run/1"})
+    atomic_write_json(d / "state.json", state)
+    return d
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the ``keep`` newest ``step*`` checkpoints (stage/final/best are never pruned)."""
+    root = run_dir / "checkpoints"
+    steps = sorted((p for p in root.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+    for p in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None = None,
+             prepared: PreparedData | None = None) -> Components:
+    """Rebuild a trained run's components from its folder (config, features, trainable weights)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.toml (is this a speeder_fast run folder?)")
+    cfg = load_config(cfg_path)
+    if device:
+        cfg.device = device
+    ck = run_dir / "checkpoints" / checkpoint / "trainable.safetensors"
+    if not ck.is_file():
+        avail = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []
+        raise FileNotFoundError(f"{ck} not found (available checkpoints: {avail})")
+    adds = json.loads((run_dir / ADDITIONS_FILE).read_text()).get("added_special_tokens", []) if (run_dir / ADDITIONS_FILE).is_file() else []
+    feats = None
+    if cfg.prompt.paradigm == "speeder":
+        fp = run_dir / FEATURES_FILE
+        if not fp.is_file():
+            raise FileNotFoundError(f"{fp} missing: speeder runs store their item features there")
+        feats = load_features(fp)
+    comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared)
+    sd = load_file(str(ck))
+    added = sd.pop("added_embeddings", None)
+    comp.model.load_trainable_state_dict(sd)
+    if added is not None:
+        ids = torch.tensor([comp.tokenizer.convert_tokens_to_ids(t) for t in adds])
+        with torch.no_grad():
+            w = comp.model.embed.weight
+            w[ids.to(w.device)] = added.to(w.device, w.dtype)
+    state_path = ck.parent / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    comp.model.set_stage(state.get("active_modalities", comp.modalities))
+    comp.model.eval()
+    return comp

@@ -1,0 +1,164 @@
+"""Training loop, run folder, reload + evaluation, CLI (tiny random Llama, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from speeder_fast.config import Config, StageConfig, load_config, to_toml
+from speeder_fast.training import lr_at, resolve_stages, train
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return tiny.make_llm_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _cfg(llm_dir, out, paradigm="speeder", mode="score"):
+    cfg = Config()
+    cfg.output_dir = str(out)
+    cfg.run_name = f"{paradigm}-{mode}"
+    cfg.device = "cpu"
+    cfg.model.llm = str(llm_dir)
+    cfg.model.lora_dropout = 0.0
+    cfg.model.n_item_tokens = 2
+    cfg.model.expert_hidden = 32
+    cfg.prompt.paradigm = paradigm
+    cfg.prompt.answer_mode = mode
+    cfg.data.n_candidates = 8
+    cfg.data.max_history = 5
+    cfg.features.sasrec_epochs = 2
+    cfg.features.sasrec_dim = 16
+    cfg.train.batch_size = 4
+    cfg.train.grad_accum = 2
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 3
+    cfg.train.eval_max_examples = 12
+    cfg.train.checkpoint_every = 2
+    cfg.train.keep_checkpoints = 1
+    cfg.train.stages = [StageConfig(modalities=["text"], max_steps=4, lr=3e-3, curriculum_ramp=0.5),
+                        StageConfig(modalities=["text", "collab"], max_steps=4, lr=3e-3, freeze_previous_experts=True)]
+    cfg.eval.max_examples = 16
+    cfg.eval.batch_size = 8
+    cfg.eval.generate_max_tokens = 12
+    return cfg
+
+
+def test_config_roundtrip_with_stages(tmp_path):
+    cfg = _cfg("x", tmp_path)
+    cfg.prompt.labels = [" A", " B"]
+    p = tmp_path / "c.toml"
+    p.write_text(to_toml(cfg))
+    back = load_config(p)
+    assert back == cfg
+    assert back.train.stages[1].modalities == ["text", "collab"] and back.train.stages[1].freeze_previous_experts
+
+
+def test_default_stages_and_schedule():
+    cfg = Config()
+    st = resolve_stages(cfg, ["text", "collab"])
+    assert [s.modalities for s in st] == [["text"], ["text", "collab"]]
+    assert [s.modalities for s in resolve_stages(cfg, ["text"])] == [["text"]]  # collab absent -> skipped
+    cfg.prompt.paradigm = "titles"
+    assert [s.modalities for s in resolve_stages(cfg, [])] == [[]]
+    lrs = [lr_at(i, 100, 1.0, 0.1) for i in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_speeder_run_trains_checkpoints_and_reloads(llm_dir, tmp_path, cache):
+    from speeder_fast.evaluate import evaluate_run, evaluate_split
+
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    res = train(cfg, progress=False, prepared=prepared)
+    d = res.run_dir
+    for f in ("config.toml", "metrics.jsonl", "item_features.safetensors", "sasrec.safetensors", "tokenizer_additions.json",
+              "train_summary.json"):
+        assert (d / f).is_file(), f
+    ck = sorted(p.name for p in (d / "checkpoints").iterdir())
+    assert {"final", "best", "stage1", "stage2"} <= set(ck)
+    assert [c for c in ck if c.startswith("step")] == ["step8"]  # keep_checkpoints=1 pruned step2..6
+    recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["type"] == "train"]
+    assert [r["global_step"] for r in train_recs] == list(range(1, 9))
+    assert train_recs[0]["hybrid_share"] == 0.0 and train_recs[3]["hybrid_share"] == 1.0  # curriculum ramp
+    assert all(r["tokens_per_s"] > 0 for r in train_recs)
+    assert {r["tag"] for r in recs if r["type"] == "eval"} >= {"step3", "stage1", "stage2"}
+    assert load_config(d / "config.toml") == cfg
+    state = json.loads((d / "checkpoints" / "final" / "state.json").read_text())
+    assert state["active_modalities"] == ["text", "collab"] and state["global_step"] == 8
+
+    # the reloaded run scores exactly like the trained model in memory
+    comp = res.components
+    direct = evaluate_split(comp.model, comp.builder, prepared, "test", "score", 16, 8, device="cpu", progress=False)
+    result, sas, md = evaluate_run(d, split="test", mode="score", max_examples=16, progress=False, prepared=prepared)
+    for k in ("VHR@1", "HR@1", "NDCG@10", "ValidRatio"):
+        assert result[k] == pytest.approx(direct[k])
+    assert result["ValidRatio"] == 1.0 and result["n"] == 16
+    assert sas is not None and sas["n"] == 16 and 0.0 <= sas["HR@1"] <= 1.0
+    assert "SASRec" in md and (d / "eval_test_score.json").is_file() and (d / "eval_test_score.md").is_file()
+
+
+def test_stage_freezing_and_lora_flags(llm_dir, tmp_path, cache):
+    """Stage 2 with freeze_previous_experts leaves the text expert untouched; train_lora=False freezes LoRA."""
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    cfg.train.eval_every = 0
+    cfg.train.checkpoint_every = 0
+    cfg.train.stages[1].train_lora = False
+    res = train(cfg, progress=False, prepared=prepared)
+    from safetensors.torch import load_file
+
+    s1 = load_file(str(res.run_dir / "checkpoints" / "stage1" / "trainable.safetensors"))
+    s2 = load_file(str(res.run_dir / "checkpoints" / "stage2" / "trainable.safetensors"))
+    text_keys = [k for k in s1 if k.startswith("mome.experts.text")]
+    collab_keys = [k for k in s1 if k.startswith("mome.experts.collab")]
+    lora_keys = [k for k in s1 if "lora_" in k]
+    assert text_keys and collab_keys and lora_keys
+    assert all(torch.equal(s1[k], s2[k]) for k in text_keys)  # frozen in stage 2
+    assert all(torch.equal(s1[k], s2[k]) for k in lora_keys)  # train_lora = False
+    assert any(not torch.equal(s1[k], s2[k]) for k in collab_keys)  # new expert trained
+    assert not torch.equal(s1["mome.gate.weight"], s2["mome.gate.weight"])
+
+
+@pytest.mark.parametrize("paradigm,mode", [("titles", "generate"), ("verbose", "score")])
+def test_text_paradigms_train_and_evaluate(llm_dir, tmp_path, cache, paradigm, mode):
+    from speeder_fast.evaluate import evaluate_run
+
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path, paradigm, mode)
+    cfg.prompt.description_tokens = 8
+    cfg.train.eval_every = 0
+    res = train(cfg, progress=False, prepared=prepared)
+    ck = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
+    assert "stage1" in ck and "stage2" not in ck  # one stage for text paradigms
+    assert not (res.run_dir / "item_features.safetensors").exists()
+    result, sas, _ = evaluate_run(res.run_dir, split="valid", max_examples=8, progress=False, prepared=prepared)
+    assert result["mode"] == mode and result["n"] == 8 and sas is None
+    assert 0.0 <= result["VHR@1"] <= result["ValidRatio"] <= 1.0
+    if mode == "score":
+        assert result["ValidRatio"] == 1.0 and "NDCG@10" in result
+    else:
+        assert "NDCG@10" not in result
+
+
+def test_cli_help_config_and_presets(capsys):
+    from speeder_fast.train import build_parser, main, resolve_config
+
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key in ("data.source", "model.precision", "prompt.candidate_item", "train.stages", "eval.max_examples"):
+        assert key in out
+    cfg = resolve_config(build_parser().parse_args([]))
+    assert cfg.data.max_users == 300 and len(cfg.train.stages) == 2 and cfg.prompt.paradigm == "speeder"
+    cfg = resolve_config(build_parser().parse_args(["--preset", "none", "--paradigm", "titles", "--set", "train.batch_size=3"]))
+    assert cfg.data.max_users == 0 and cfg.prompt.paradigm == "titles" and cfg.train.batch_size == 3
+    assert main(["--set", "nope.x=1"]) == 2
