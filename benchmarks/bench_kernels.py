@@ -307,8 +307,8 @@ def run_kernel_table(
     copy_gbs = measure_copy_bandwidth(dev)
     print(f"card: {card}; measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows: list[dict[str, Any]] = []
-    jobs: list[tuple[str, Any]] = [("mome", c) for c in (mome_cases or MOME_CASES)]
-    jobs += [("inject", c) for c in (inject_cases or INJECT_CASES)]
+    jobs: list[tuple[str, Any]] = [("mome", c) for c in (MOME_CASES if mome_cases is None else mome_cases)]
+    jobs += [("inject", c) for c in (INJECT_CASES if inject_cases is None else inject_cases)]
     for kind, case in jobs:
         inp = make_mome_inputs(case, dev) if kind == "mome" else make_inject_inputs(case, dev)
         for mode in MODES:
@@ -372,11 +372,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/kernels.json"), help="JSON file for the rows")
     ap.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement (median)")
+    ap.add_argument("--only", default="", help="comma-separated substrings; keep cases whose label contains one")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device; nothing to measure", file=sys.stderr)
         return 2
-    run_kernel_table(args.out, reps=args.reps)
+    keys = [k for k in args.only.split(",") if k]
+
+    def keep(c: Any) -> bool:
+        return not keys or any(k in c.label() for k in keys)
+
+    mome = [c for c in MOME_CASES if keep(c)]
+    inject = [c for c in INJECT_CASES if keep(c)]
+    if not mome and not inject:
+        print(f"bench_kernels: --only {args.only!r} matches no case", file=sys.stderr)
+        return 2
+    run_kernel_table(args.out, reps=args.reps, mome_cases=mome, inject_cases=inject)
     return 0
 
 
