@@ -310,7 +310,7 @@ def run_precision(args, precision: str, device: torch.device, dtype: torch.dtype
             if variant in ("hf_full_logits", "sdpa_padded"):
                 impl = "sdpa"
             else:
-                impl = select_attention(args.attn, device)
+                impl = select_attention(args.attn, device, dtype=dtype)
             if variant == "packed_liger":
                 if device.type != "cuda" or not liger_available():
                     why = "needs CUDA" if device.type != "cuda" else "liger-kernel not installed"

@@ -223,6 +223,9 @@ def test_select_attention_auto_on_cuda(monkeypatch, fa, tv, want):
     lg, h = _logger()
     assert A.select_attention("auto", "cuda", logger=lg) == want
     assert len(h.lines) == 1 and want in h.lines[0]
+    assert A.select_attention("auto", "cuda", logger=lg, dtype=torch.bfloat16) == want
+    assert A.select_attention("auto", "cuda", logger=lg, dtype=torch.float32) == A.IMPL_SDPA
+    assert "float32 model" in h.lines[-1]
 
 
 def test_select_attention_requested_but_missing(monkeypatch):

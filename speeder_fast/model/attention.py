@@ -116,11 +116,11 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, bo
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int, head_dim_axis: int = 1) -> torch.Tensor:
-    """Repeat K/V heads ``n_rep`` times along ``head_dim_axis`` (GQA -> MHA)."""
+def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int = 1) -> torch.Tensor:
+    """Repeat K/V heads ``n_rep`` times along the head axis ``dim`` (GQA -> MHA)."""
     if n_rep == 1:
         return x
-    return torch.repeat_interleave(x, n_rep, dim=head_dim_axis)
+    return torch.repeat_interleave(x, n_rep, dim=dim)
 
 
 _POS_CACHE: dict[str, tuple[weakref.ref, Any]] = {}
@@ -438,11 +438,13 @@ def register_attention() -> None:
 
 
 def select_attention(requested: str = "auto", device: torch.device | str | None = None,
-                     logger: logging.Logger | None = None) -> str:
+                     logger: logging.Logger | None = None, dtype: torch.dtype | None = None) -> str:
     """Choose the ``attn_implementation`` name for ``requested`` on ``device`` and log why.
 
     ``auto``: flash-attn (CUDA + importable) > torch varlen (CUDA + torch >= 2.10) > SDPA
-    (``speeder_varlen_sdpa``, the CPU path). ``flash`` / ``varlen`` raise RuntimeError when
+    (``speeder_varlen_sdpa``, the CPU path). With ``dtype`` float32 (an fp32 model) ``auto``
+    keeps SDPA, since the flash kernels would need a cast to bf16; explicit ``flash``/``varlen``
+    cast q/k/v to bf16 (one warning). ``flash`` / ``varlen`` raise RuntimeError when
     unavailable (no silent downgrade). ``sdpa`` and ``eager`` return transformers' own names (the
     padded baselines; packed batches still work there through HF's 4-D mask from position_ids).
     """
@@ -471,6 +473,8 @@ def select_attention(requested: str = "auto", device: torch.device | str | None 
             raise RuntimeError(f"attn_impl=varlen but torch {torch.__version__} has no "
                                "torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)")
         impl, why = IMPL_TORCH, "requested; torch varlen_attn on packed rows"
+    elif cuda and dtype is not None and dtype not in _HALF:
+        impl, why = IMPL_SDPA, f"auto: {str(dtype).replace('torch.', '')} model, flash kernels need fp16/bf16"
     elif cuda and fa:
         impl, why = IMPL_FA, "auto: CUDA and flash-attn importable"
     elif cuda and tv:
