@@ -24,22 +24,26 @@ log = get_logger("speeder_fast.sasrec")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DataConfig
     from .features.sasrec import SASRecConfig, default_threads
 
-    d = SASRecConfig()
+    d, dc = SASRecConfig(), DataConfig()
     p = argparse.ArgumentParser(prog="python -m speeder_fast.sasrec", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True,
                    help="dataset: 'ml-100k', a RecBole atomic folder (NAME.inter[/NAME.item]) or raw Amazon folder "
                         "(passed to speeder_fast.data.prepare as DataConfig.source)")
     p.add_argument("--out", required=True, help="output folder (created; files in it are replaced atomically)")
-    p.add_argument("--user-kcore", type=int, default=5,
-                   help="drop users with fewer interactions, iterated with --item-kcore (0 = off; default 5; "
-                        "amazon-beauty is already 5-core, so 0 and 5 give the same data)")
-    p.add_argument("--item-kcore", type=int, default=5, help="drop items with fewer interactions (0 = off; default 5)")
-    p.add_argument("--n-candidates", type=int, default=20,
-                   help="candidates per evaluation example in the persisted candidate sets (default 20)")
-    p.add_argument("--data-seed", type=int, default=42, help="seed of the persisted candidate sampling (default 42)")
+    p.add_argument("--user-kcore", type=int, default=dc.user_kcore,
+                   help=f"drop users with fewer interactions, iterated with --item-kcore (0 = off; default "
+                        f"{dc.user_kcore} = DataConfig's, so the data match the LLM runs; amazon-beauty is "
+                        "already 5-core, so 0 and 5 give the same data)")
+    p.add_argument("--item-kcore", type=int, default=dc.item_kcore,
+                   help=f"drop items with fewer interactions (0 = off; default {dc.item_kcore} = DataConfig's)")
+    p.add_argument("--n-candidates", type=int, default=dc.n_candidates,
+                   help=f"candidates per evaluation example in the persisted candidate sets (default {dc.n_candidates})")
+    p.add_argument("--data-seed", type=int, default=dc.seed,
+                   help=f"seed of the persisted candidate sampling (default {dc.seed})")
     p.add_argument("--cache-dir", default="", help="processed-data cache (default $SPEEDER_CACHE/data)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"max training epochs (default {d.epochs})")
     p.add_argument("--patience", type=int, default=d.patience,
