@@ -26,3 +26,77 @@ def copy_bandwidth(cuda_device: torch.device) -> float:
     from bench_kernels import measure_copy_bandwidth
 
     return measure_copy_bandwidth(cuda_device)
+
+
+# ----------------------------------------------------------------------------------------------
+# paradigm benchmarks (benchmarks/test_bench_paradigms.py)
+# ----------------------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("speeder paradigm benchmarks")
+    group.addoption("--paradigm-summary", default=os.environ.get("SPEEDER_BENCH_SUMMARY", "runs/bench/paradigms_summary.json"),
+                    help="collector JSON written at the end of a paradigm benchmark session (records, ratios, environment)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CI smoke (`pytest benchmarks/ --benchmark-disable`): every benchmark body runs once, so the
+    # paradigm benchmarks switch to a tiny random model (SPEEDER_BENCH_SMOKE=1) to stay fast.
+    try:
+        disabled = bool(config.getoption("benchmark_disable"))
+    except ValueError:
+        disabled = False
+    if disabled:
+        os.environ.setdefault("SPEEDER_BENCH_SMOKE", "1")
+
+
+class ParadigmCollector:
+    """Gathers every paradigm record of the session; written (with ratios) at session end."""
+
+    def __init__(self, path: str) -> None:
+        import time
+
+        self.path = path
+        self.t0 = time.perf_counter()
+        self.records: list[dict] = []
+        self.skipped: list[dict] = []
+        self.meta: dict = {}
+        self.token_summary: dict = {}
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.perf_counter() - self.t0
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def skip(self, case_id: str, why: str) -> None:
+        self.skipped.append({"case_id": case_id, "why": why})
+
+
+@pytest.fixture(scope="session")
+def paradigm_collector(request: pytest.FixtureRequest):
+    """Session collector; at teardown writes ``--paradigm-summary`` (records, skips, ratios, environment)."""
+    c = ParadigmCollector(request.config.getoption("paradigm_summary"))
+    yield c
+    if c.records or c.skipped:
+        from bench_paradigms import write_summary
+        from speeder_fast.utils import atomic_write_json
+
+        out = write_summary(c.path, c.records, c.skipped, c.meta)
+        if c.token_summary:
+            out["token_summary"] = c.token_summary
+            atomic_write_json(c.path, out)
+
+
+@pytest.fixture(scope="session")
+def paradigm_env(paradigm_collector: ParadigmCollector):
+    """Data + tokenizer + the current LLM for the paradigm benchmarks; skips when the data is absent."""
+    from bench_paradigms import BenchEnv, data_dir, environment_info
+
+    d = data_dir()
+    if not d.is_dir():
+        pytest.skip(f"real data {d} is absent (set SPEEDER_BENCH_DATA, or provide ../shared/data/amazon-office)")
+    env = BenchEnv()
+    paradigm_collector.meta = {**environment_info(env.device), "torch_threads": torch.get_num_threads()}
+    yield env
+    env.release()

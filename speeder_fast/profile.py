@@ -5,8 +5,31 @@ Subcommands:
 * ``kernels`` -- runs each custom kernel (``mome_combine``, ``inject_positions``; forward + backward)
   under ``torch.profiler``, prints the top ops, the Triton compiled metadata (registers, spills,
   shared memory, warps) when running compiled on CUDA, and writes a Chrome trace to ``--out``.
+* ``train`` -- a few real training steps (``PromptBuilder`` -> ``SpeederRecModel`` forward/backward
+  -> AdamW, the inner step of ``speeder_fast.training.loop``) under ``torch.profiler``.
+* ``infer`` -- a few real evaluation batches (``score`` or greedy ``generate``) under the profiler.
 
-Adding a subcommand (e.g. ``train`` / ``infer``): write ``_add_<name>_parser(sub)`` that creates
+``train`` / ``infer`` write to ``--out DIR``: ``trace.json`` (Chrome trace: chrome://tracing or
+ui.perfetto.dev), ``top_ops.txt`` (the top ops by self device time, CPU time on CPU) and
+``summary.json`` (shapes, step times, tokens, achieved TFLOP/s and MFU), e.g.::
+
+    python -m speeder_fast.profile train --paradigm speeder --data ../shared/data/amazon-office \
+        --batch-size 4 --steps 3 --out runs/profile/train_speeder
+    python -m speeder_fast.profile infer --paradigm verbose --mode generate --max-new-tokens 16 ...
+
+FLOP accounting (stated in ``summary.json``): ``N`` = weights of every linear layer of the decoder
+(LoRA adapters included, embeddings excluded: a lookup), ``T`` = real (non-padding) prompt tokens
+of the profiled steps, ``V x H`` = the LM head, applied to the ``A`` answer rows only:
+
+* training with a frozen base + LoRA: ``4 N T + 4 V H A`` (forward 2 + activation gradients 2;
+  LoRA weight gradients and attention-score FLOPs ignored, ~1-2%; the issue's 4 x params x tokens);
+* ``score`` inference: ``2 N T + 2 V H B``; ``generate``: ``2 N (T + G) + 2 V H (B + G)`` with ``G``
+  the generated tokens of the batch (KV cache, so each new token costs one token's forward).
+
+MFU = achieved / dense peak of the card for the compute dtype (bf16 table below; fp32 on a GPU is
+reported against the card's TF32 dense peak); on CPU only TFLOP/s is reported (MFU n/a).
+
+Adding a subcommand: write ``_add_<name>_parser(sub)`` that creates
 its subparser and calls ``set_defaults(func=_run_<name>)``, append it to ``SUBCOMMANDS``, and reuse
 :func:`profile_steps`, :func:`print_top_ops` and :func:`export_trace`.
 """
@@ -14,8 +37,11 @@ its subparser and calls ``set_defaults(func=_run_<name>)``, append it to ``SUBCO
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -180,9 +206,344 @@ def _run_kernels(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# model folders with random weights (GPU machines get config + tokenizer only)
+# ----------------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether a model folder holds weights (``*.safetensors`` or ``pytorch_model*.bin``)."""
+    p = Path(path)
+    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))
+
+
+def materialize_model_dir(src: str | Path, cache_dir: str | Path, *, seed: int = 0, overrides: dict | None = None,
+                          dtype: str = "float32") -> Path:
+    """A loadable HF folder with ``src``'s config (+ ``overrides``) and tokenizer and *random* weights.
+
+    Speed does not depend on weight values, so a machine that has only the tokenizer and
+    ``config.json`` (e.g. ``.gpu_assets/smollm2`` from ``benchmarks/prepare_gpu_assets.py``) can still
+    time the real loading and training path. The folder is cached under ``cache_dir`` by a hash of
+    (config, overrides, seed, dtype) and written atomically (temp folder, then rename).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .utils import stable_hash
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no config.json (a model folder needs at least config + tokenizer)")
+    key = stable_hash({"config": json.loads((src / "config.json").read_text()), "overrides": overrides or {},
+                       "seed": seed, "dtype": dtype,
+                       "tokenizer": [(f, (src / f).stat().st_size) for f in TOKENIZER_FILES if (src / f).is_file()]})
+    out = Path(cache_dir) / f"{src.name}-random-{key}"
+    if (out / "speeder_random.json").is_file():
+        return out
+    cfg = AutoConfig.from_pretrained(str(src))
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy2(src / f, tmp / f)
+        (tmp / "speeder_random.json").write_text(json.dumps({"source": str(src), "seed": seed, "dtype": dtype,
+                                                             "overrides": overrides or {}}, indent=1))
+        if out.exists():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("random-weight model folder %s (from %s, seed %d, %s)", out, src, seed, dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and peaks
+# ----------------------------------------------------------------------------------------------
+#: dense tensor-core peaks (no sparsity), TFLOP/s, vendors' datasheets: (name substring, bf16, tf32)
+PEAKS: list[tuple[str, float, float]] = [
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.0, 417.5),
+    ("GH200", 989.0, 494.7),
+    ("H200", 989.0, 494.7),
+    ("H100", 989.0, 494.7),  # SXM5 ("H100 80GB HBM3")
+    ("A100", 312.0, 156.0),
+    ("L40S", 362.0, 181.0),
+    ("A10G", 70.0, 35.0),
+    ("L4", 121.0, 60.0),
+]
+
+
+def peak_tflops(card: str, dtype: str) -> float | None:
+    """Dense peak of ``card`` for ``dtype`` (bf16/fp16/nf4 -> bf16 column, fp32 -> TF32), else None."""
+    for name, bf16, tf32 in PEAKS:
+        if name.lower() in card.lower():
+            return tf32 if dtype in ("fp32", "float32") else bf16
+    return None
+
+
+def decoder_linear_params(model: Any) -> int:
+    """``N``: weights of every linear layer inside the decoder (LoRA adapters included)."""
+    import torch.nn as nn
+
+    dec = model.decoder if hasattr(model, "decoder") else model
+    return int(sum(m.in_features * m.out_features for m in dec.modules() if isinstance(m, nn.Linear)))
+
+
+def step_flops(phase: str, n_linear: int, vocab: int, hidden: int, tokens: int, answer_rows: int,
+               generated: int = 0) -> float:
+    """FLOPs of the profiled work (see the module docstring for the formulas)."""
+    if phase == "train":
+        return 4.0 * n_linear * tokens + 4.0 * vocab * hidden * answer_rows
+    if phase == "score":
+        return 2.0 * n_linear * tokens + 2.0 * vocab * hidden * answer_rows
+    return 2.0 * n_linear * (tokens + generated) + 2.0 * vocab * hidden * (answer_rows + generated)
+
+
+def top_ops_table(prof: torch.profiler.profile, device: torch.device, row_limit: int = 25) -> str:
+    """Top ops by *self* time (device time on CUDA): where the step actually spends its time."""
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+
+# ----------------------------------------------------------------------------------------------
+# train / infer
+# ----------------------------------------------------------------------------------------------
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="TOML config (defaults: the built-in Config)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable), applied after the options below")
+    p.add_argument("--paradigm", choices=("verbose", "titles", "speeder"), default="speeder")
+    p.add_argument("--data", default=None, help="data.source (default: the config's, ml-100k)")
+    p.add_argument("--model", default=None, help="model.llm: asset name or folder; a folder without weights "
+                   "(config + tokenizer only) gets seeded random weights")
+    p.add_argument("--precision", choices=("fp32", "bf16", "nf4"), default=None,
+                   help="model.precision (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--modalities", default="text,collab", help="speeder modalities (collab = SASRec, --sasrec-epochs)")
+    p.add_argument("--sasrec-epochs", type=int, default=2, help="SASRec epochs for collab (speed does not depend on it)")
+    p.add_argument("--history", type=int, default=None, help="data.max_history (default: the config's, 10)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1, help="un-timed steps first (allocations, autotuning)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (no profiler) for TFLOP/s and MFU")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps recorded under torch.profiler")
+    p.add_argument("--rows", type=int, default=25, help="rows of the top-ops table")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="profile real training steps (prompts -> forward/backward -> AdamW)")
+    _add_common_model_args(p)
+    p.add_argument("--out", type=Path, default=Path("runs/profile/train"), help="output folder")
+    p.set_defaults(func=_run_train, phase="train")
+
+
+def _add_infer_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="profile real evaluation batches (score, or greedy generate)")
+    _add_common_model_args(p)
+    p.add_argument("--mode", choices=("score", "generate"), default="score")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode: cap on new tokens")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="users + persisted candidates")
+    p.add_argument("--out", type=Path, default=Path("runs/profile/infer"), help="output folder")
+    p.set_defaults(func=_run_infer, phase="infer")
+
+
+def build_profile_components(args: argparse.Namespace) -> Any:
+    """``Components`` (``speeder_fast.training.run.build_components``) for the options."""
+    from .config import load_config, set_override, validate
+    from .training.run import build_components
+    from .utils import cache_root
+
+    cfg = load_config(args.config)
+    device = resolve_device(args.device)
+    cfg.device = device.type
+    cfg.seed = args.seed
+    cfg.prompt.paradigm = args.paradigm
+    if args.data:
+        cfg.data.source = args.data
+    if args.model:
+        cfg.model.llm = args.model
+    cfg.model.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    cfg.features.modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    cfg.features.sasrec_epochs = args.sasrec_epochs
+    if args.history:
+        cfg.data.max_history = args.history
+        cfg.model.max_positions = max(cfg.model.max_positions, args.history)
+    cfg.train.batch_size = args.batch_size
+    for o in args.sets:
+        set_override(cfg, o)
+    validate(cfg)
+    llm_dir = Path(cfg.model.llm).expanduser()
+    if llm_dir.is_dir() and not has_weights(llm_dir):
+        dt = "bfloat16" if cfg.model.precision == "bf16" else "float32"
+        cfg.model.llm = str(materialize_model_dir(llm_dir, cache_root() / "bench_models", seed=args.seed, dtype=dt))
+    t0 = time.perf_counter()
+    comp = build_components(cfg, run_dir=None, progress=False)
+    log.info("components built in %.1f s (%s, %s, %s)", time.perf_counter() - t0, cfg.prompt.paradigm,
+             cfg.model.llm, cfg.model.precision)
+    return comp
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: Callable[[], dict],
+                        extra: dict[str, Any]) -> dict[str, Any]:
+    """Warm-up, timed steps, profiled steps; writes trace.json, top_ops.txt, summary.json."""
+    from .model.llm import base_model
+    from .utils import atomic_write_json, atomic_write_text
+
+    device = comp.device
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, work = [], {"tokens": 0, "answer_rows": 0, "generated": 0, "examples": 0}
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        w = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        for k in work:
+            work[k] += int(w.get(k, 0))
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    with torch.profiler.profile(activities=profiler_activities(device), record_shapes=True) as prof:
+        for _ in range(args.profile_steps):
+            with torch.profiler.record_function(f"{phase}_step"):
+                step()
+        _sync(device)
+    table = top_ops_table(prof, device, args.rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    export_trace(prof, args.out / "trace.json")
+    atomic_write_text(args.out / "top_ops.txt", table + "\n")
+    hf = base_model(comp.model.llm).config
+    n_lin = decoder_linear_params(comp.model)
+    mode = extra.get("mode", "train")
+    total_s = float(sum(times))
+    flops = step_flops(mode, n_lin, hf.vocab_size, hf.hidden_size, work["tokens"], work["answer_rows"],
+                       work["generated"])
+    tflops = flops / total_s / 1e12 if total_s > 0 else 0.0
+    dtype = comp.cfg.model.precision
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_tflops(card, "bf16" if dtype in ("bf16", "nf4") else "fp32") if device.type == "cuda" else None
+    formula = {"train": "4*N*T + 4*V*H*A", "score": "2*N*T + 2*V*H*A",
+               "generate": "2*N*(T+G) + 2*V*H*(A+G)"}[mode]
+    summary = {
+        "phase": phase, "mode": mode, "paradigm": comp.cfg.prompt.paradigm, "device": str(device), "card": card,
+        "precision": dtype, "llm": comp.cfg.model.llm, "batch_size": args.batch_size,
+        "data": comp.cfg.data.source, "max_history": comp.cfg.data.max_history,
+        "steps_timed": args.steps, "step_s": times, "step_s_median": float(sorted(times)[len(times) // 2]) if times else None,
+        "examples_per_s": work["examples"] / total_s if total_s else None,
+        "tokens_per_step": work["tokens"] / max(1, args.steps), "work": work,
+        "flops_formula": formula + " (N decoder linear weights, T real prompt tokens, V*H LM head, "
+                                   "A answer rows, G generated tokens)",
+        "N_linear": n_lin, "flops": flops, "tflops_per_s": tflops,
+        "peak_tflops": peak, "mfu": (tflops / peak) if peak else None,
+        "mfu_note": None if peak else ("CPU: MFU n/a" if device.type == "cpu" else f"no peak known for {card}"),
+        "peak_mem_gb": peak_mem, "torch": torch.__version__, "trace": str(args.out / "trace.json"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra,
+    }
+    atomic_write_json(args.out / "summary.json", summary)
+    mfu = f"{100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else "n/a"
+    print(f"{phase} {comp.cfg.prompt.paradigm} on {card}: median step {summary['step_s_median']:.4f} s, "
+          f"{summary['tokens_per_step']:.0f} tokens/step, {tflops:.3f} TFLOP/s ({formula}), MFU {mfu}")
+    print(f"wrote {args.out}/trace.json, top_ops.txt, summary.json")
+    return summary
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training.loop import MicroBatches, resolve_stages, set_trainable
+
+    comp = build_profile_components(args)
+    model, device = comp.model, comp.device
+    stage = resolve_stages(comp.cfg, comp.modalities)[-1]
+    model.set_stage(stage.modalities)
+    params = set_trainable(comp, stage, set())
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=comp.cfg.train.weight_decay)
+    stream = MicroBatches(comp, args.batch_size, args.seed)
+    model.train()
+
+    def step() -> dict:
+        with torch.profiler.record_function("prompt_build"):
+            batch = stream.next()
+        work = {"tokens": batch.n_tokens, "answer_rows": int(batch.loss_pos.numel()), "examples": int(batch.input_ids.shape[0])}
+        with torch.profiler.record_function("forward"):
+            loss = model(batch.to(device))
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+        with torch.profiler.record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, comp.cfg.train.grad_clip or 1e9)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return work
+
+    _profile_and_report(args, comp, "train", step, {"mode": "train", "trainable_params": sum(p.numel() for p in params),
+                                                    "stage_modalities": list(stage.modalities)})
+    return 0
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evaluate import select_examples
+    from .model.llm import match_generated
+
+    comp = build_profile_components(args)
+    model, device, builder, prepared = comp.model, comp.device, comp.builder, comp.prepared
+    model.set_stage(comp.modalities)
+    model.eval()
+    sa, cands = prepared.split(args.split), prepared.candidates(args.split)
+    idx = select_examples(len(sa), 0, args.seed)
+    order = np.random.default_rng(args.seed).permutation(idx)
+    pos = [0]
+
+    def next_rows() -> np.ndarray:
+        if pos[0] + args.batch_size > len(order):
+            pos[0] = 0
+        rows = order[pos[0] : pos[0] + args.batch_size]
+        pos[0] += len(rows)
+        return rows
+
+    def step() -> dict:
+        rows = next_rows()
+        left = args.mode == "generate"
+        batch = builder.build(sa.histories[rows], sa.lengths[rows], cands[rows], sa.targets[rows], with_answer=False,
+                              padding_side="left" if left else "right")
+        work = {"tokens": batch.n_tokens, "answer_rows": int(batch.input_ids.shape[0]),
+                "examples": int(batch.input_ids.shape[0])}
+        with torch.no_grad():
+            if args.mode == "score":
+                model.score(batch.to(device)).argmax(1).cpu()
+            else:
+                out = model.generate(batch.to(device), args.max_new_tokens, builder.eos_id, builder.pad_id)
+                match_generated(builder, out, batch.candidates)
+                work["generated"] = int(out.numel())
+        return work
+
+    _profile_and_report(args, comp, "infer", step, {"mode": args.mode, "max_new_tokens": args.max_new_tokens,
+                                                    "split": args.split})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_kernels_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_kernels_parser, _add_train_parser,
+                                                                    _add_infer_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
