@@ -132,6 +132,8 @@ class TrainConfig:
     num_workers: int = _f(0, "data-loader workers")
     log_every: int = _f(10, "log metrics every N steps")
     packing: str = _f("auto", "auto | on | off: padding-free packing of examples")
+    score_loss: str = _f("labels", "score mode training loss: 'labels' = cross-entropy over the N candidate label "
+                                   "logits (what score() ranks), 'vocab' = full-vocabulary cross-entropy on the label token")
 
 
 @dataclass
@@ -297,6 +299,8 @@ def validate(cfg: Config) -> None:
         errs.append("data.n_candidates must be >= 2")
     if cfg.model.n_item_tokens < 1:
         errs.append("model.n_item_tokens must be >= 1")
+    if cfg.train.score_loss not in ("labels", "vocab"):
+        errs.append(f"train.score_loss: {cfg.train.score_loss!r} is not labels or vocab")
     if cfg.eval.split not in ("valid", "test"):
         errs.append(f"eval.split: {cfg.eval.split!r} is not valid or test")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:

@@ -74,6 +74,18 @@ def test_lm_head_only_at_answer_positions(llm_dir):
     torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_label_loss_is_cross_entropy_of_scores(llm_dir):
+    _, prepared, builder, model = _setup(llm_dir)
+    model.eval()
+    batch = _batch(prepared, builder)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model.score(batch), batch.target_idx)
+        got = model(batch, label_loss=True)
+        vocab = model(batch)
+    torch.testing.assert_close(got, want)
+    assert float(vocab) > float(got)  # the full-vocabulary loss also pays for non-label tokens
+
+
 def test_qlora_nf4_step_decreases_loss(llm_dir):
     pytest.importorskip("bitsandbytes")
     _, prepared, builder, model = _setup(llm_dir, precision="nf4", k=1)
@@ -90,7 +102,7 @@ def test_qlora_nf4_step_decreases_loss(llm_dir):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1, losses
 
 

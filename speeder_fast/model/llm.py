@@ -181,19 +181,27 @@ class SpeederRecModel(nn.Module):
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
 
-    def forward(self, batch: PromptBatch) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens (LM head applied at those positions only)."""
+    def forward(self, batch: PromptBatch, label_loss: bool = False) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens (LM head applied at those positions only).
+
+        ``label_loss`` (score mode): cross-entropy over the ``N`` candidate label logits at the
+        answer position (exactly what :meth:`score` ranks) instead of the full vocabulary.
+        """
         h = self.hidden_states(batch)
+        if label_loss:
+            return F.cross_entropy(self._label_logits(h, batch), batch.target_idx)
         H = h.shape[-1]
         sel = h.reshape(-1, H).index_select(0, batch.loss_pos)
         return F.cross_entropy(self._head(sel), batch.loss_targets)
 
-    def score(self, batch: PromptBatch) -> torch.Tensor:
-        """[B, N] logits of the candidate label tokens at each example's answer position."""
-        h = self.hidden_states(batch)
+    def _label_logits(self, h: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
         B = h.shape[0]
         last = h[torch.arange(B, device=h.device), batch.answer_pos]
         return self._head(last).index_select(1, batch.label_token_ids)
+
+    def score(self, batch: PromptBatch) -> torch.Tensor:
+        """[B, N] logits of the candidate label tokens at each example's answer position."""
+        return self._label_logits(self.hidden_states(batch), batch)
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:

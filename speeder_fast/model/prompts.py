@@ -151,9 +151,17 @@ class PromptBuilder:
             ordinal = cfg.ordinal_format.format(ordinal=ordinal_word(i + 1)) if ordinal_text else ""
             self.hist_pre_ids.append(enc(hist_pre.format(ordinal=ordinal)))
         self.hist_post_ids = enc(self.hist_post_ids)
-        c_pre, c_mid, c_post = _split_template(cfg.candidate_item, ["label", "item"], "candidate_item")
-        self.cand_line_pre = [np.concatenate([enc(c_pre), [lid], enc(c_mid)]).astype(np.int64) for lid in self.label_ids]
-        self.cand_post_ids = enc(c_post)
+        # candidate line: "{label}...{item}..." or "{item}...{label}..." (label token spliced as an id)
+        label_first = cfg.candidate_item.find("{label}") < cfg.candidate_item.find("{item}")
+        order = ["label", "item"] if label_first else ["item", "label"]
+        c_pre, c_mid, c_post = _split_template(cfg.candidate_item, order, "candidate_item")
+        pre, mid, post = enc(c_pre), enc(c_mid), enc(c_post)
+        if label_first:
+            self.cand_line_pre = [np.concatenate([pre, [lid], mid]).astype(np.int64) for lid in self.label_ids]
+            self.cand_line_post = [post for _ in self.label_ids]
+        else:
+            self.cand_line_pre = [pre for _ in self.label_ids]
+            self.cand_line_post = [np.concatenate([mid, [lid], post]).astype(np.int64) for lid in self.label_ids]
 
         # per-item token caches (lists of int64 arrays; tokenized once, batched)
         n_items = dataset.n_items
@@ -303,8 +311,9 @@ class PromptBuilder:
                     ids.append(piece)
                     it.append(np.full(len(piece), -1, np.int64))
                     ab.append(it[-1])
-                ids.append(self.cand_post_ids)
-                it.append(np.full(len(self.cand_post_ids), -1, np.int64))
+                post = self.cand_line_post[j]
+                ids.append(post)
+                it.append(np.full(len(post), -1, np.int64))
                 ab.append(it[-1])
             ids.append(self.answer_prefix_ids)
             it.append(np.full(len(self.answer_prefix_ids), -1, np.int64))

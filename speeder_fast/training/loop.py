@@ -179,6 +179,7 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     micro_per_epoch = math.ceil(n_train / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     seen: set[str] = set()
+    label_loss = cfg.prompt.answer_mode == "score" and tc.score_loss == "labels"
     global_step = 0
     best = -1.0
     last_valid: dict | None = None
@@ -213,7 +214,7 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
             for _ in range(tc.grad_accum):
                 batch = stream.next(share)
                 tokens += batch.n_tokens
-                loss = model(batch.to(device)) / tc.grad_accum
+                loss = model(batch.to(device), label_loss=label_loss) / tc.grad_accum
                 loss.backward()
                 loss_acc += loss.detach()
                 micro_done += 1
