@@ -84,6 +84,9 @@ MAX_HISTORY = 10  # the real-data window (data.max_history default)
 LONG_HISTORIES = (10, 50, 200)
 BUILDER_HISTORY = max(LONG_HISTORIES)  # one builder per paradigm serves every history length
 SEED = 0
+#: rough seconds to build a model + its features on a GPU; a case that needs a new model is skipped
+#: when less than this is left of SPEEDER_BENCH_BUDGET_S (a timeout mid-load loses the step)
+LOAD_ESTIMATE_S = {"llama2-7b-nf4": 75.0, "smollm2-135m": 25.0, "tiny": 5.0}
 # on CPU a case whose longest prompt exceeds this is skipped (SPEEDER_BENCH_CPU_MAX_TOKENS); the
 # default admits everything that fits SmolLM2's 8192-token context (verbose, history 50: ~6000)
 CPU_MAX_PROMPT_TOKENS = 8192
@@ -283,30 +286,36 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
              "num_key_value_heads": 32}
 
 
-def _load_7b_nf4(tokenizer: Any, device: torch.device, seed: int) -> torch.nn.Module:
-    """Llama-2-7B-shaped random model, NF4 base, then ``load_llm``'s post-load steps and LoRA."""
+def load_llama_nf4(tokenizer: Any, device: torch.device, seed: int = SEED, shape: dict | None = None) -> torch.nn.Module:
+    """Random Llama (default: Llama-2-7B shape), NF4 base, then ``load_llm``'s post-load steps + LoRA.
+
+    ``load_llm`` itself needs a checkpoint on disk (13 GB for 7B: too slow to write and read in a
+    device session), so the base is built in memory and quantized layer by layer
+    (``fastpath_check.quantize_nf4``); what follows is ``load_llm``'s NF4 branch: freeze,
+    ``prepare_model_for_kbit_training`` (norms/embeddings/head upcast to fp32), LoRA with the
+    ``ModelConfig`` defaults. Compute dtype bf16 on CUDA, fp32 on CPU (bitsandbytes' CPU path).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastpath_check import quantize_nf4  # benchmarks/ is on sys.path
     from speeder_fast.config import ModelConfig
 
-    if device.type != "cuda":
-        raise RuntimeError("the 7B NF4 model is benchmarked on CUDA only")
     mc = ModelConfig()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-5, use_cache=True,
                       tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **LLAMA2_7B)
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **(shape or LLAMA2_7B))
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+            model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     finally:
         torch.set_default_dtype(prev)
-    quantize_nf4(model, torch.bfloat16)
+    quantize_nf4(model, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -328,8 +337,10 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = SEED) -> tuple
     src = smollm2_source()
     t0 = time.perf_counter()
     if spec.key == "llama2-7b-nf4":
+        if device.type != "cuda":
+            raise RuntimeError("the 7B NF4 model is benchmarked on CUDA only")
         tok = load_tokenizer(str(src))
-        llm = _load_7b_nf4(tok, device, seed)
+        llm = load_llama_nf4(tok, device, seed)
         path = "random (in memory)"
     else:
         overrides = TINY_OVERRIDES if spec.key == "tiny" else None
@@ -449,7 +460,8 @@ class ParadigmRunner:
         self.cfg = Config()
         self.cfg.prompt.paradigm = paradigm
         self.cfg.features.modalities = list(env.features)
-        self.builder = PromptBuilder(tok, env.prepared.dataset, PromptConfig(paradigm=paradigm), N_CANDIDATES,
+        n_cand = int(env.prepared.test_candidates.shape[1])  # the persisted candidates (20 for the real data)
+        self.builder = PromptBuilder(tok, env.prepared.dataset, PromptConfig(paradigm=paradigm), n_cand,
                                      BUILDER_HISTORY, self.cfg.model.n_item_tokens, self.cfg.model.spae_ordinal_text)
         mome = positions = None
         if paradigm == "speeder":
@@ -598,12 +610,17 @@ class BenchEnv:
         self.release()
         try:
             self.tokenizer, self.llm, self.info = load_model(spec, self.device)
+            self.features = self._features()
         except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
             self.failed[spec.key] = f"CUDA OOM loading {spec.key}: {str(e).splitlines()[0]}"
+        except Exception as e:  # the first case fails visibly; later ones of this model skip
+            self.failed[spec.key] = f"loading {spec.key} failed earlier: {type(e).__name__}: {e}"
             self.release()
-            raise CaseSkipped(self.failed[spec.key]) from e
+            raise
+        if spec.key in self.failed:  # raised outside the except block, so the partial model is freed
+            self.release()
+            raise CaseSkipped(self.failed[spec.key])
         self.spec = spec
-        self.features = self._features()
 
     def _features(self) -> dict:
         from speeder_fast.config import FeatureConfig
@@ -631,7 +648,7 @@ class BenchEnv:
         self.spec = None
         free_memory(self.device)
 
-    def prompt_token_summary(self, paradigm: str, history: int | None = None) -> dict[str, Any]:
+    def prompt_token_summary(self, paradigm: str) -> dict[str, Any]:
         """Prompt-token stats of ``paradigm`` over every test user (tokenizer-only, no model)."""
         from speeder_fast.config import PromptConfig
         from speeder_fast.model import PromptBuilder
@@ -639,7 +656,8 @@ class BenchEnv:
         if self.tokenizer is None:
             raise RuntimeError("no model loaded (call use() first)")
         b = self.runners[paradigm].builder if paradigm in self.runners else PromptBuilder(
-            self.tokenizer, self.prepared.dataset, PromptConfig(paradigm=paradigm), N_CANDIDATES, BUILDER_HISTORY)
+            self.tokenizer, self.prepared.dataset, PromptConfig(paradigm=paradigm),
+            int(self.prepared.test_candidates.shape[1]), BUILDER_HISTORY)
         te, n = self.prepared.test, len(self.prepared.test)
         toks = []
         for s in range(0, n, 512):
@@ -716,6 +734,7 @@ def run_case(env: BenchEnv, spec: ModelSpec, case: Case,
         case = dataclasses.replace(case, batch=B)
     mem = PeakMemory(env.device)
     mem.start()
+    oom = ""
     try:
         fn, info = runner.make_fn(case)
         rec = Recorder(fn)
@@ -725,8 +744,11 @@ def run_case(env: BenchEnv, spec: ModelSpec, case: Case,
         else:
             timer(rec, case)
     except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+        oom = str(e).splitlines()[0]
+    if oom:  # outside the except block: the traceback (and the tensors its frames hold) is gone
+        fn = rec = None
         free_memory(env.device)
-        raise CaseSkipped(f"CUDA OOM at batch {case.batch}: {str(e).splitlines()[0]}") from e
+        raise CaseSkipped(f"CUDA OOM at batch {case.batch}: {oom}")
     memory = mem.stop()
     times = rec.times[case.warmup:] if len(rec.times) > case.warmup else rec.times
     gen_lens = info.pop("_gen_lens", None)
@@ -799,8 +821,6 @@ def plan_cases(device: torch.device | None = None, smoke: bool | None = None) ->
                 for p in ("speeder", "verbose"):
                     out.append((spec, Case(m, "train", p, 16, history=h, rounds=3, warmup=1)))
                     out.append((spec, Case(m, "score", p, 16, history=h, rounds=3, warmup=1)))
-            for p in PARADIGMS:
-                out.append((spec, Case(m, "train", p, "max", rounds=2, warmup=1)))
             continue
         # 7B NF4 (CUDA only; on CPU the cases are collected and skipped with the reason)
         for p in PARADIGMS:
@@ -813,18 +833,24 @@ def plan_cases(device: torch.device | None = None, smoke: bool | None = None) ->
         for h in LONG_HISTORIES:
             for p in ("speeder", "verbose"):
                 out.append((spec, Case(m, "score", p, 4, history=h, rounds=2, warmup=1)))
+    if cuda and not smoke:
+        # largest batch that fits: last, so that a tight time budget drops these first
+        small = next(s for s in specs if s.key == "smollm2-135m")
+        for p in PARADIGMS:
+            out.append((small, Case(small.key, "train", p, "max", rounds=2, warmup=1)))
     return out
 
 
-def write_summary(path: str | Path, records: list[dict], skipped: list[dict], meta: dict) -> dict:
-    """Collector JSON: records, skips, ratios (``report.compute_ratios``) and the environment."""
+def write_summary(path: str | Path, records: list[dict], skipped: list[dict], meta: dict,
+                  token_summary: dict | None = None) -> dict:
+    """Collector JSON: records, skips, ratios (``report.compute_ratios``), prompt-token stats, environment."""
     from report import compute_ratios
     from speeder_fast.utils import atomic_write_json
 
     if hasattr(os, "getloadavg"):
         meta = {**meta, "loadavg_end": list(os.getloadavg())}
     out = {"kind": "speeder_paradigm_bench", "meta": meta, "records": records, "skipped": skipped,
-           "ratios": compute_ratios(records)}
+           "ratios": compute_ratios(records), "token_summary": token_summary or {}}
     atomic_write_json(path, out)
     return out
 
@@ -843,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     device = bench_device()
     env = BenchEnv(device)
     meta = environment_info(device)
-    records, skipped = [], []
+    records, skipped, tokens = [], [], {}
     for spec, case in plan_cases(device):
         if args.only and args.only not in case.case_id:
             continue
@@ -857,9 +883,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {case.case_id}: {e}", flush=True)
             continue
         records.append(r)
+        if case.paradigm not in tokens:
+            tokens[case.paradigm] = env.prompt_token_summary(case.paradigm)
         print(f"{case.case_id:45s} {1000 * r['median_s']:10.1f} ms  {r['samples_per_s']:8.2f} samples/s  "
               f"prompt {r['prompt_tokens_mean']} tok", flush=True)
-    write_summary(args.out, records, skipped, meta)
+    write_summary(args.out, records, skipped, meta, tokens)
     print(f"wrote {args.out}")
     return 0
 

@@ -37,7 +37,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="collector JSON written at the end of a paradigm benchmark session (records, ratios, environment)")
 
 
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum} (timeout?)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # `timeout` sends SIGTERM: turn it into KeyboardInterrupt so that pytest still finishes the
+    # session and pytest-benchmark writes --benchmark-json with the cases measured so far.
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     # CI smoke (`pytest benchmarks/ --benchmark-disable`): every benchmark body runs once, so the
     # paradigm benchmarks switch to a tiny random model (SPEEDER_BENCH_SMOKE=1) to stay fast.
     try:
@@ -68,9 +79,17 @@ class ParadigmCollector:
 
     def add(self, record: dict) -> None:
         self.records.append(record)
+        self.flush()
 
     def skip(self, case_id: str, why: str) -> None:
         self.skipped.append({"case_id": case_id, "why": why})
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the summary now (atomic): a run killed by a timeout keeps what it measured."""
+        from bench_paradigms import write_summary
+
+        write_summary(self.path, self.records, self.skipped, self.meta, self.token_summary)
 
 
 @pytest.fixture(scope="session")
@@ -79,13 +98,7 @@ def paradigm_collector(request: pytest.FixtureRequest):
     c = ParadigmCollector(request.config.getoption("paradigm_summary"))
     yield c
     if c.records or c.skipped:
-        from bench_paradigms import write_summary
-        from speeder_fast.utils import atomic_write_json
-
-        out = write_summary(c.path, c.records, c.skipped, c.meta)
-        if c.token_summary:
-            out["token_summary"] = c.token_summary
-            atomic_write_json(c.path, out)
+        c.flush()
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +113,12 @@ def paradigm_env(paradigm_collector: ParadigmCollector):
     paradigm_collector.meta = {**environment_info(env.device), "torch_threads": torch.get_num_threads()}
     yield env
     env.release()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop benchmarks interrupted before their first timed round (e.g. by SIGTERM from `timeout`):
+    pytest-benchmark cannot serialise empty stats and would write an empty --benchmark-json."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    benches = getattr(bs, "benchmarks", None)
+    if isinstance(benches, list):
+        benches[:] = [b for b in benches if getattr(getattr(b, "stats", None), "data", None)]

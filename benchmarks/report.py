@@ -394,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-md", default="", help="markdown output file (default: stdout only)")
     ap.add_argument("--plots", default="", help="folder for PNG plots (none if empty)")
     ap.add_argument("--title", default="Paradigm benchmarks")
+    ap.add_argument("--paradigms-only", action="store_true", help="leave out kernel / other benchmark rows")
     args = ap.parse_args(argv)
     data = load_inputs(args.json)
+    if args.paradigms_only:
+        data.update(other=[], kernels=[], fastpath=[])
     md = markdown(data, args.title)
     print(md)
     if args.out_md:

@@ -28,7 +28,7 @@ import math
 from typing import Any
 
 import pytest
-from bench_paradigms import CaseSkipped, bench_device, budget_seconds, is_smoke, plan_cases, run_case
+from bench_paradigms import LOAD_ESTIMATE_S, CaseSkipped, bench_device, budget_seconds, is_smoke, plan_cases, run_case
 from report import compute_ratios
 
 CASES = plan_cases(bench_device(), is_smoke())
@@ -46,10 +46,14 @@ def test_paradigm(benchmark: Any, paradigm_env: Any, paradigm_collector: Any, sp
         paradigm_collector.skip(case.case_id, why)
         pytest.skip(why)
     budget = budget_seconds()
-    if budget > 0 and paradigm_collector.elapsed() > budget:
-        why = f"benchmark time budget SPEEDER_BENCH_BUDGET_S={budget:.0f}s spent"
-        paradigm_collector.skip(case.case_id, why)
-        pytest.skip(why)
+    if budget > 0:
+        left = budget - paradigm_collector.elapsed()
+        need = LOAD_ESTIMATE_S.get(spec.key, 30.0) if (env.spec is None or env.spec.key != spec.key) else 0.0
+        if left <= need:
+            why = (f"benchmark time budget SPEEDER_BENCH_BUDGET_S={budget:.0f}s spent" if left <= 0 else
+                   f"{left:.0f}s left of SPEEDER_BENCH_BUDGET_S={budget:.0f}s < ~{need:.0f}s to load {spec.key}")
+            paradigm_collector.skip(case.case_id, why)
+            pytest.skip(why)
     benchmark.group = f"{case.model} {case.phase} B={case.batch}" + (f" H={case.history}" if case.history else "")
 
     def timer(rec: Any, c: Any) -> None:

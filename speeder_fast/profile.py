@@ -338,6 +338,7 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps (no profiler) for TFLOP/s and MFU")
     p.add_argument("--profile-steps", type=int, default=2, help="steps recorded under torch.profiler")
     p.add_argument("--rows", type=int, default=25, help="rows of the top-ops table")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -366,6 +367,8 @@ def build_profile_components(args: argparse.Namespace) -> Any:
 
     cfg = load_config(args.config)
     device = resolve_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     cfg.device = device.type
     cfg.seed = args.seed
     cfg.prompt.paradigm = args.paradigm
@@ -454,7 +457,7 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
         "N_linear": n_lin, "flops": flops, "tflops_per_s": tflops,
         "peak_tflops": peak, "mfu": (tflops / peak) if peak else None,
         "mfu_note": None if peak else ("CPU: MFU n/a" if device.type == "cpu" else f"no peak known for {card}"),
-        "peak_mem_gb": peak_mem, "torch": torch.__version__, "trace": str(args.out / "trace.json"),
+        "peak_mem_gb": peak_mem, "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "trace": str(args.out / "trace.json"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra,
     }
     atomic_write_json(args.out / "summary.json", summary)

@@ -282,3 +282,53 @@ def test_flop_formulas_and_peaks() -> None:
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert peak_tflops("NVIDIA H200", "fp32") == 494.7
     assert peak_tflops("some cpu", "bf16") is None
+
+
+def test_paradigm_cases_on_nf4_llama_cpu(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's measured path end to end on CPU: a tiny NF4 Llama built like the 7B case,
+    three paradigms, train / score / generate, records and same-run ratios."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    import bench_paradigms as bp
+    from tiny import make_prepared
+
+    from speeder_fast.model import load_tokenizer
+
+    root, llm_dir, _ = tiny_setup
+    monkeypatch.setenv("SPEEDER_CACHE", str(root / "cache_nf4"))
+    threads = torch.get_num_threads()
+    try:
+        tok = load_tokenizer(str(llm_dir))
+        shape = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "num_key_value_heads": 2}
+        llm = bp.load_llama_nf4(tok, torch.device("cpu"), 0, shape)
+        import bitsandbytes as bnb
+
+        assert sum(isinstance(m, bnb.nn.Linear4bit) for m in llm.modules()) == 2 * 7
+        env = bp.BenchEnv(torch.device("cpu"), make_prepared(n_users=30, n_items=50, n_candidates=6, max_history=5))
+        env.tokenizer, env.llm, env.info = tok, llm, {"max_positions": 4096}
+        env.features = env._features()
+        assert set(env.features) == {"text", "collab"}
+        spec = bp.ModelSpec("nf4-tiny", "tiny NF4 llama", "nf4", "random")
+        env.spec = spec
+        records = []
+        for phase in ("train", "score", "generate"):
+            for p in bp.PARADIGMS:
+                r = bp.run_case(env, spec, bp.Case("nf4-tiny", phase, p, 2, rounds=2, warmup=1, max_new_tokens=3))
+                assert r["rounds"] == 2 and r["median_s"] > 0 and r["batch"] == 2 and r["mem_kind"] == "cpu_peak_rss"
+                records.append(r)
+        by = {(r["phase"], r["paradigm"]): r for r in records}
+        assert by[("train", "speeder")]["stage_modalities"] == ["text", "collab"]
+        assert by[("train", "speeder")]["trainable_params"] > by[("train", "verbose")]["trainable_params"]
+        assert by[("train", "verbose")]["prompt_tokens_mean"] > by[("train", "titles")]["prompt_tokens_mean"] \
+            > by[("train", "speeder")]["prompt_tokens_mean"]
+        assert by[("generate", "speeder")]["gen_new_tokens_mean"] <= 3
+        long = bp.run_case(env, spec, bp.Case("nf4-tiny", "score", "speeder", 2, history=40, rounds=1, warmup=0))
+        assert long["history"] == 40 and long["prompt_tokens_mean"] > by[("score", "speeder")]["prompt_tokens_mean"]
+        ratios = report.compute_ratios(records)
+        assert {(p["phase"], p["baseline"]) for p in ratios["pairs"]} == {
+            (ph, b) for ph in ("train", "score", "generate") for b in ("verbose", "titles")}
+        assert len(env.prompt_token_summary("speeder")) > 3
+    finally:
+        torch.set_num_threads(threads)
