@@ -193,3 +193,13 @@ def test_trainable_state_roundtrip(llm_dir):
         torch.testing.assert_close(fresh.score(batch), a)
     with pytest.raises(KeyError):
         fresh.load_trainable_state_dict({k: v for k, v in sd.items() if not k.startswith("positions.")})
+
+
+def test_bf16_forward_backward(llm_dir):
+    _, prepared, builder, model = _setup(llm_dir, precision="bf16")
+    assert model.embed.weight.dtype == torch.bfloat16
+    loss = model(_batch(prepared, builder, n=3), label_loss=True)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert model.mome.experts["text"][0].weight.grad is not None
