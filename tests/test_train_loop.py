@@ -85,7 +85,7 @@ def test_speeder_run_trains_checkpoints_and_reloads(llm_dir, tmp_path, cache):
         assert (d / f).is_file(), f
     ck = sorted(p.name for p in (d / "checkpoints").iterdir())
     assert {"final", "best", "stage1", "stage2"} <= set(ck)
-    assert [c for c in ck if c.startswith("step")] == ["step8"]  # keep_checkpoints=1 pruned step2..6
+    assert [c for c in ck if c.startswith("step")] == ["step-00000008"]  # keep_checkpoints=1 pruned step-2..6
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["type"] == "train"]
     assert [r["global_step"] for r in train_recs] == list(range(1, 9))
@@ -93,8 +93,9 @@ def test_speeder_run_trains_checkpoints_and_reloads(llm_dir, tmp_path, cache):
     assert all(r["tokens_per_s"] > 0 for r in train_recs)
     assert {r["tag"] for r in recs if r["type"] == "eval"} >= {"step3", "stage1", "stage2"}
     assert load_config(d / "config.toml") == cfg
-    state = json.loads((d / "checkpoints" / "final" / "state.json").read_text())
-    assert state["active_modalities"] == ["text", "collab"] and state["global_step"] == 8
+    state = json.loads((d / "checkpoints" / "final" / "trainer_state.json").read_text())
+    assert state["extra"]["active_modalities"] == ["text", "collab"] and state["step"] == 8
+    assert (d / "FINISHED.json").is_file()
 
     # the reloaded run scores exactly like the trained model in memory
     comp = res.components

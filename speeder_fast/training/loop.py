@@ -14,13 +14,23 @@ empty there is one stage per modality in ``features.modalities`` order, cumulati
 then ``[text, collab]``). A stage trains its modality experts (earlier experts too, unless
 ``freeze_previous_experts``), the gate and output norm, the SPAE tables, and LoRA when
 ``train_lora``. The ``verbose`` and ``titles`` paradigms have one stage and train LoRA only.
+
+Production features (docs/production.md): under ``torchrun`` the model is wrapped in DDP per stage
+(frozen base weights ignored, so a 4-bit base is never broadcast), each rank trains its shard of
+every global batch (:class:`~speeder_fast.distributed.ShardedSampler`), losses are reduced over
+ranks, and only rank 0 writes files. Checkpoints (:class:`~speeder_fast.checkpoint.CheckpointManager`)
+hold weights, AdamW state, per-rank RNG, the data position and the stage, so ``train(...,
+resume=True)`` continues exactly. A NaN/Inf loss stops the run (``NonFiniteLossError`` naming the
+step) before it can reach a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder_fast.config import Config, StageConfig
+from speeder_fast.checkpoint import CheckpointManager, TrainState, capture_rng, mark_finished, restore_rng
+from speeder_fast.config import Config, StageConfig, to_toml
+from speeder_fast.distributed import (ShardedSampler, all_reduce_mean, barrier, broadcast_object, gather_objects,
+                                      init_distributed)
+from speeder_fast.errors import CheckpointError, NonFiniteLossError, NonFiniteMonitor
 from speeder_fast.utils import get_logger, seed_everything
 
-from .run import Components, build_components, make_run_dir, prune_checkpoints, save_checkpoint, write_run_files
+from .run import Components, added_embedding_rows, build_components, make_run_dir, write_run_files
 
 log = get_logger("speeder_fast.training")
 
@@ -103,80 +117,134 @@ class TrainResult:
 
 
 class MicroBatches:
-    """Endless stream of training micro-batches; new shuffled order + candidates each epoch."""
+    """Endless stream of this rank's training micro-batches.
 
-    def __init__(self, comp: Components, batch_size: int, seed: int) -> None:
+    Each micro-batch is this rank's part of one global batch of ``world_size * batch_size`` examples
+    of a seeded epoch permutation (:class:`ShardedSampler`), so N processes see exactly the examples
+    one process with the global batch would. Candidates are re-sampled every epoch. The curriculum's
+    text-only draw is a function of ``(seed, epoch, global batch)`` over the global batch, so it does
+    not depend on the number of processes either. :meth:`position`/:meth:`seek` save/restore where
+    the stream is (checkpoints).
+    """
+
+    def __init__(self, comp: Components, batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
         self.comp = comp
-        self.bs = batch_size
         self.seed = seed
+        self.world_size, self.rank = world_size, rank
+        self.sampler = ShardedSampler(len(comp.prepared.train), world_size, rank, shuffle=True, seed=seed,
+                                      batch_size=batch_size)
         self.epoch = -1
-        self.order = np.zeros(0, np.int64)
-        self.pos = 0
+        self.step_in_epoch = 0
         self.cands: np.ndarray | None = None
-        self.rng = np.random.default_rng(seed)
+        self._it = None
 
-    def _new_epoch(self) -> None:
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch."""
+        return self.sampler.num_steps
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def seek(self, epoch: int, step_in_epoch: int) -> None:
+        """Continue from global batch ``step_in_epoch`` of ``epoch`` (as saved by :meth:`position`)."""
+        self.epoch, self.step_in_epoch, self._it = int(epoch), int(step_in_epoch), None
+        if self.epoch >= 0:
+            self._load_epoch(self.epoch)
+
+    def _load_epoch(self, epoch: int) -> None:
         from speeder_fast.data import sample_train_candidates
 
         p = self.comp.prepared
-        self.epoch += 1
-        self.cands = sample_train_candidates(p, self.epoch, self.comp.cfg.data.n_candidates, self.comp.cfg.data.seed)
-        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(p.train))
-        self.pos = 0
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        self.cands = sample_train_candidates(p, epoch, self.comp.cfg.data.n_candidates, self.comp.cfg.data.seed)
 
     def next(self, hybrid_share: float = 1.0):
-        if self.pos >= len(self.order):
-            self._new_epoch()
-        rows = self.order[self.pos : self.pos + self.bs]
-        self.pos += len(rows)
+        """``(batch, weight)``: the prompt batch and the factor for its mean loss (``n_real *
+        world_size / n_global``; 1 for one process and full batches, 0 for a padding batch)."""
+        if self.epoch < 0 or self.step_in_epoch >= self.steps_per_epoch:
+            self._load_epoch(self.epoch + 1)
+            self.step_in_epoch = 0
+            self._it = None
+        if self._it is None:
+            self._it = self.sampler.batches(self.step_in_epoch)
+        sb = next(self._it)
+        self.step_in_epoch = sb.step_in_epoch + 1
+        rows = np.asarray(sb.indices, dtype=np.int64)
         tr = self.comp.prepared.train
-        text_only = self.rng.random(len(rows)) >= hybrid_share if hybrid_share < 1.0 else None
-        return self.comp.builder.build(tr.histories[rows], tr.lengths[rows], self.cands[rows], tr.targets[rows],
-                                       with_answer=True, text_only=text_only)
+        text_only = None
+        if hybrid_share < 1.0:
+            draw = np.random.default_rng([self.seed, 1, self.epoch, sb.step_in_epoch]).random(sb.n_global)
+            mine = draw[self.rank::self.world_size][: len(rows)]
+            if len(mine) < len(rows):  # padding example
+                mine = np.ones(len(rows))
+            text_only = mine >= hybrid_share
+        batch = self.comp.builder.build(tr.histories[rows], tr.lengths[rows], self.cands[rows], tr.targets[rows],
+                                        with_answer=True, text_only=text_only)
+        return batch, sb.n_real * sb.loss_scale
 
 
-def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepared: Any = None) -> TrainResult:
+def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepared: Any = None,
+          resume: bool = False) -> TrainResult:
     """Train per ``cfg``; returns the run folder and the trained components.
 
-    ``prepared``: a :class:`PreparedData` to use instead of ``prepare(cfg.data)``.
+    ``prepared``: a :class:`PreparedData` to use instead of ``prepare(cfg.data)``. ``resume``:
+    continue the run in ``run_dir`` from its newest valid checkpoint (same stage, step, data order,
+    optimizer state and RNG); without any checkpoint it starts from scratch in that folder. Under
+    ``torchrun`` (``WORLD_SIZE > 1``) it trains data-parallel; only rank 0 writes files.
     """
     from tqdm.auto import tqdm
 
     from speeder_fast.evaluate import evaluate_split
 
     t_start = time.perf_counter()
+    world, rank, device_override = 1, 0, None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        env = init_distributed(cfg.device)
+        world, rank, device_override = env.world_size, env.rank, env.device
+    main = rank == 0
+    progress = progress and main
     seed_everything(cfg.seed)
-    run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    comp = build_components(cfg, run_dir=run_dir, progress=progress, prepared=prepared)
-    write_run_files(run_dir, comp)
+    if run_dir is None and main:
+        run_dir = make_run_dir(cfg)
+    run_dir = Path(broadcast_object(None if run_dir is None else str(run_dir)))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    comp = build_components(cfg, run_dir=run_dir if main else None, progress=progress, prepared=prepared,
+                            device=device_override)
+    if main:
+        write_run_files(run_dir, comp)
     model, device, tc = comp.model, comp.device, cfg.train
     n_train = len(comp.prepared.train)
     if n_train == 0:
         raise ValueError("no training examples (check data.max_users / data.max_train_examples)")
-    metrics_f = open(run_dir / "metrics.jsonl", "a")
+    metrics_f = open(run_dir / "metrics.jsonl", "a") if main else None
 
     def log_json(rec: dict) -> None:
-        metrics_f.write(json.dumps(rec, default=float) + "\n")
-        metrics_f.flush()
+        if metrics_f is not None:
+            metrics_f.write(json.dumps(rec, default=float) + "\n")
+            metrics_f.flush()
 
     def validate(tag: str) -> dict:
         res = evaluate_split(model, comp.builder, comp.prepared, "valid", cfg.prompt.answer_mode, tc.eval_max_examples,
                              cfg.eval.batch_size, cfg.eval.generate_max_tokens, device, seed=cfg.seed, progress=progress)
         log_json({"type": "eval", "tag": tag, "global_step": global_step,
                   **{k: v for k, v in res.items() if not isinstance(v, (dict, list))}})
-        log.info("valid @ %s: VHR@1 %.4f  ValidRatio %.3f  NDCG@10 %s", tag, res.get("VHR@1", 0.0), res.get("ValidRatio", 0.0),
-                 f"{res['NDCG@10']:.4f}" if "NDCG@10" in res else "n/a")
+        if main:
+            log.info("valid @ %s: VHR@1 %.4f  ValidRatio %.3f  NDCG@10 %s", tag, res.get("VHR@1", 0.0),
+                     res.get("ValidRatio", 0.0), f"{res['NDCG@10']:.4f}" if "NDCG@10" in res else "n/a")
         return res
 
     def key_metric(res: dict) -> float:
         return res.get("NDCG@10", res.get("VHR@1", 0.0))
 
     stages = resolve_stages(cfg, comp.modalities)
-    log.info("run %s: %d training examples, %d stage(s): %s", run_dir, n_train, len(stages),
-             [s.modalities or [cfg.prompt.paradigm] for s in stages])
-    stream = MicroBatches(comp, tc.batch_size, cfg.seed)
-    micro_per_epoch = math.ceil(n_train / tc.batch_size)
+    if main:
+        log.info("run %s: %d training examples, %d process(es), %d stage(s): %s", run_dir, n_train, world, len(stages),
+                 [s.modalities or [cfg.prompt.paradigm] for s in stages])
+    stream = MicroBatches(comp, tc.batch_size, cfg.seed, world, rank)
+    micro_per_epoch = stream.steps_per_epoch
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     seen: set[str] = set()
     label_loss = cfg.prompt.answer_mode == "score" and tc.score_loss == "labels"
@@ -185,86 +253,184 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     last_valid: dict | None = None
     train_seconds = 0.0
     micro_done = 0
-    for si, stage in enumerate(stages, start=1):
-        # ---- stage setup: active modalities, trainable set, optimizer, step budget
-        model.set_stage(stage.modalities)
-        params = set_trainable(comp, stage, seen)
-        seen.update(stage.modalities)
-        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
-        total = max(1, math.ceil(stage.epochs * steps_per_epoch))
-        if stage.max_steps > 0:
-            total = min(total, stage.max_steps)
-        n_params = sum(p.numel() for p in params)
-        log.info("stage %d/%d %s: %d steps (%d per epoch), lr %.2g, %d trainable parameters", si, len(stages),
-                 stage.modalities or cfg.prompt.paradigm, total, steps_per_epoch, stage.lr, n_params)
-        model.train()
-        bar = tqdm(range(total), desc=f"stage {si}/{len(stages)}", unit="step", disable=not progress, dynamic_ncols=True)
-        t_stage = time.perf_counter()
-        for step in bar:
-            # ---- curriculum: share of soft-token (hybrid) prompts ramps from 0 to 1
-            share = 1.0
-            if stage.curriculum_ramp > 0 and cfg.prompt.paradigm == "speeder":
-                share = min(1.0, step / max(1.0, stage.curriculum_ramp * total))
-            lr = lr_at(step, total, stage.lr, tc.warmup_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            t0 = time.perf_counter()
-            tokens = 0
-            loss_acc = torch.zeros((), device=device)
-            for _ in range(tc.grad_accum):
-                batch = stream.next(share)
-                tokens += batch.n_tokens
-                loss = model(batch.to(device), label_loss=label_loss) / tc.grad_accum
-                loss.backward()
-                loss_acc += loss.detach()
-                micro_done += 1
-            gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            global_step += 1
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            if global_step % max(1, tc.log_every) == 0 or step == total - 1:
-                rec = {"type": "train", "stage": si, "step": step + 1, "global_step": global_step,
-                       "epoch": stream.epoch + stream.pos / max(1, len(stream.order)), "loss": float(loss_acc),
-                       "lr": lr, "tokens_per_s": tokens / dt, "hybrid_share": share,
-                       "grad_norm": None if gnorm is None else float(gnorm)}
-                log_json(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{lr:.1e}")
-            if tc.eval_every > 0 and global_step % tc.eval_every == 0 and step != total - 1:
-                last_valid = validate(f"step{global_step}")
-                if key_metric(last_valid) > best:
-                    best = key_metric(last_valid)
-                    save_checkpoint(run_dir, "best", comp, _state(si, global_step, stage, last_valid))
-                model.train()
-            if tc.checkpoint_every > 0 and global_step % tc.checkpoint_every == 0:
-                save_checkpoint(run_dir, f"step{global_step}", comp, _state(si, global_step, stage, None))
-                prune_checkpoints(run_dir, tc.keep_checkpoints)
-        bar.close()
-        log.info("stage %d done in %.1f s", si, time.perf_counter() - t_stage)
-        # ---- stage end: validation + checkpoint
-        last_valid = validate(f"stage{si}")
-        state = _state(si, global_step, stage, last_valid)
-        save_checkpoint(run_dir, f"stage{si}", comp, state)
-        if key_metric(last_valid) > best:
-            best = key_metric(last_valid)
-            save_checkpoint(run_dir, "best", comp, state)
-        model.train()
-    save_checkpoint(run_dir, "final", comp, _state(len(stages), global_step, stages[-1], last_valid))
-    metrics_f.close()
+    monitor = NonFiniteMonitor(device)
+    mgr = CheckpointManager(run_dir, keep_last=tc.keep_checkpoints, clean_stale=main)
+    config_text = to_toml(cfg)
+
+    # ---- resume: weights, stream position, counters (optimizer + RNG below, once the stage is set up)
+    rs: TrainState | None = None
+    start_stage, start_step = 0, 0
+    if resume:
+        if main:
+            rs = mgr.load_latest_valid(quarantine=True)
+        barrier()
+        if not main:
+            rs = mgr.load_latest_valid()
+        if rs is None:
+            if main:
+                log.info("resume: no checkpoint in %s, starting from scratch", run_dir)
+        else:
+            weights = dict(rs.weights)
+            weights.pop("added_embeddings", None)  # deterministic from the seed; rebuilt identically
+            try:
+                model.load_trainable_state_dict(weights)
+            except KeyError as e:
+                raise CheckpointError(f"{rs.path}: weights do not fit the model built from the config: {e}") from e
+            ex = rs.extra
+            global_step = rs.step
+            best, last_valid = float(ex.get("best", -1.0)), ex.get("last_valid")
+            train_seconds, micro_done = float(ex.get("train_seconds", 0.0)), int(ex.get("micro_done", 0))
+            start_stage, start_step = rs.stage, int(ex.get("step_in_stage", 0))
+            if ex.get("stage_done"):
+                start_stage, start_step = start_stage + 1, 0
+            stream.seek(int(rs.data.get("epoch", -1)), int(rs.data.get("step_in_epoch", 0)))
+            if main:
+                log.info("resuming %s from %s: global step %d, stage %d, step %d of the stage", run_dir, rs.path.name,
+                         global_step, start_stage + 1, start_step)
+
+    opt: torch.optim.Optimizer | None = None
+
+    def snapshot(si: int, step_in_stage: int, stage_done: bool, stage: StageConfig) -> TrainState:
+        """This moment as a TrainState (collective: every rank contributes its RNG state)."""
+        rng = gather_objects([capture_rng()])
+        weights = {**model.trainable_state_dict(), **added_embedding_rows(comp)}
+        extra = {"step_in_stage": step_in_stage, "stage_done": stage_done, "best": best, "train_seconds": train_seconds,
+                 "micro_done": micro_done, "active_modalities": list(stage.modalities), "world_size": world,
+                 "last_valid": None if last_valid is None else
+                 {k: v for k, v in last_valid.items() if not isinstance(v, (dict, list))}}
+        return TrainState(step=global_step, stage=si - 1, weights=weights,
+                          optimizer=None if (stage_done or opt is None) else opt.state_dict(),
+                          data={**stream.position(), "global_step": global_step}, rng=rng, config_text=config_text,
+                          extra=extra)
+
+    def save(state: TrainState, metric: float | None = None, aliases: tuple[str, ...] = (),
+             is_best: bool | None = None) -> None:
+        monitor.check()  # never write a checkpoint of a diverged model
+        if main:
+            mgr.save(global_step, state, metric=metric, aliases=aliases, is_best=is_best, world_size=world)
+        barrier()
+
+    try:
+        for si, stage in enumerate(stages, start=1):
+            if si - 1 < start_stage:  # finished before the resume point
+                seen.update(stage.modalities)
+                continue
+            # ---- stage setup: active modalities, trainable set, optimizer, step budget
+            model.set_stage(stage.modalities)
+            params = set_trainable(comp, stage, seen)
+            seen.update(stage.modalities)
+            opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
+            first = 0
+            if rs is not None and si - 1 == start_stage:
+                first = start_step
+                if rs.optimizer is not None and start_step > 0:
+                    try:
+                        opt.load_state_dict(rs.optimizer)
+                    except (ValueError, KeyError) as e:
+                        raise CheckpointError(f"{rs.path}: optimizer state does not fit stage {si}: {e}") from e
+                if rank < len(rs.rng):
+                    restore_rng(rs.rng[rank])
+                else:
+                    seed_everything(cfg.seed + rank)
+            net: torch.nn.Module = model
+            if world > 1:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
+                ignore += [n for n, _ in model.named_buffers()]
+                DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+                # find_unused_parameters: curriculum text-only batches leave MoME/SPAE without gradient
+                net = DDP(model, device_ids=None, find_unused_parameters=True, broadcast_buffers=False)
+            total = max(1, math.ceil(stage.epochs * steps_per_epoch))
+            if stage.max_steps > 0:
+                total = min(total, stage.max_steps)
+            n_params = sum(p.numel() for p in params)
+            if main:
+                log.info("stage %d/%d %s: %d steps (%d per epoch), lr %.2g, %d trainable parameters", si, len(stages),
+                         stage.modalities or cfg.prompt.paradigm, total, steps_per_epoch, stage.lr, n_params)
+            model.train()
+            bar = tqdm(range(first, total), desc=f"stage {si}/{len(stages)}", unit="step", disable=not progress,
+                       dynamic_ncols=True, initial=first, total=total)
+            t_stage = time.perf_counter()
+            for step in bar:
+                # ---- curriculum: share of soft-token (hybrid) prompts ramps from 0 to 1
+                share = 1.0
+                if stage.curriculum_ramp > 0 and cfg.prompt.paradigm == "speeder":
+                    share = min(1.0, step / max(1.0, stage.curriculum_ramp * total))
+                lr = lr_at(step, total, stage.lr, tc.warmup_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                tokens = 0
+                loss_acc = torch.zeros((), device=device)
+                for k in range(tc.grad_accum):
+                    batch, weight = stream.next(share)
+                    tokens += batch.n_tokens
+                    sync = contextlib.nullcontext() if (world == 1 or k == tc.grad_accum - 1) else net.no_sync()
+                    with sync:
+                        loss = net(batch.to(device), label_loss=label_loss) * (weight / tc.grad_accum)
+                        loss.backward()
+                    loss_acc += loss.detach()
+                    micro_done += 1
+                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                global_step += 1
+                loss_g = all_reduce_mean(loss_acc)  # the global-batch mean loss
+                monitor.update(loss_g, global_step)
+                dt = time.perf_counter() - t0
+                train_seconds += dt
+                if global_step % max(1, tc.log_every) == 0 or step == total - 1:
+                    monitor.check()
+                    rec = {"type": "train", "stage": si, "step": step + 1, "global_step": global_step,
+                           "epoch": stream.epoch + stream.step_in_epoch / max(1, stream.steps_per_epoch),
+                           "loss": float(loss_g), "lr": lr, "tokens_per_s": tokens * world / dt, "hybrid_share": share,
+                           "grad_norm": None if gnorm is None else float(gnorm)}
+                    log_json(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{lr:.1e}")
+                metric = None
+                if tc.eval_every > 0 and global_step % tc.eval_every == 0 and step != total - 1:
+                    monitor.check()
+                    last_valid = validate(f"step{global_step}")
+                    metric = key_metric(last_valid)
+                    best = max(best, metric)
+                    model.train()
+                if metric is not None or (tc.checkpoint_every > 0 and global_step % tc.checkpoint_every == 0):
+                    save(snapshot(si, step + 1, False, stage), metric=metric, is_best=None if metric is not None else False)
+            bar.close()
+            if main:
+                log.info("stage %d done in %.1f s", si, time.perf_counter() - t_stage)
+            # ---- stage end: validation + checkpoint (step-N + alias stage<i>, + best by metric)
+            monitor.check()
+            last_valid = validate(f"stage{si}")
+            metric = key_metric(last_valid)
+            best = max(best, metric)
+            save(snapshot(si, total, True, stage), metric=metric, aliases=(f"stage{si}",))
+            model.train()
+            del net
+        save(snapshot(len(stages), 0, True, stages[-1]), metric=None, aliases=("final",), is_best=False)
+    except NonFiniteLossError as e:
+        last = mgr.latest()
+        raise NonFiniteLossError(e.step, e.value, hint=(
+            f"the last good checkpoint is {last} (nothing was saved after the bad step); lower the stage lr or set "
+            f"train.grad_clip > 0 and continue with --resume {run_dir}" if last is not None else
+            "no checkpoint was written before it; lower the stage lr or set train.grad_clip > 0")) from None
+    finally:
+        if metrics_f is not None:
+            metrics_f.close()
+    model.set_stage(stages[-1].modalities)
     model.eval()
     epochs_done = micro_done / micro_per_epoch
     epoch_seconds = train_seconds / epochs_done if epochs_done else 0.0
     seconds = time.perf_counter() - t_start
     summary = {"train_seconds": train_seconds, "total_seconds": seconds, "epochs": epochs_done,
                "epoch_seconds": epoch_seconds, "steps": global_step, "n_train": n_train, "device": str(device),
-               "torch_threads": torch.get_num_threads(), "valid": last_valid, "features": comp.feature_info}
-    from speeder_fast.utils import atomic_write_json
+               "world_size": world, "torch_threads": torch.get_num_threads(), "valid": last_valid,
+               "features": comp.feature_info, "resumed": rs is not None}
+    if main:
+        from speeder_fast.utils import atomic_write_json
 
-    atomic_write_json(run_dir / "train_summary.json", summary)
+        atomic_write_json(run_dir / "train_summary.json", summary)
+        mark_finished(run_dir, {k: v for k, v in summary.items() if k != "features"})
+    barrier()
     return TrainResult(run_dir, comp, last_valid, seconds, epoch_seconds, global_step)
-
-
-def _state(stage_idx: int, global_step: int, stage: StageConfig, valid: dict | None) -> dict[str, Any]:
-    return {"stage": stage_idx, "global_step": global_step, "active_modalities": list(stage.modalities),
-            "valid": None if valid is None else {k: v for k, v in valid.items() if not isinstance(v, (dict, list))}}

@@ -7,7 +7,9 @@ A run folder holds::
     item_features.safetensors      MRC input features per modality (+ presence masks)
     sasrec.safetensors             the collaborative encoder, when the collab modality was built
     metrics.jsonl                  training/eval log, one JSON object per line
-    checkpoints/<name>/trainable.safetensors + state.json   (final, best, stage1, step120, ...)
+    checkpoints/step-<8 digits>/ + aliases final, best, stage<i>   (speeder_fast.checkpoint format:
+                                   MANIFEST.json, trainable.safetensors, optimizer, rng, trainer_state.json)
+    FINISHED.json                  written when the run completed (``--resume`` then exits 0)
     eval_<split>_<mode>.json/.md   evaluation results
 
 Checkpoints hold only what is trained (LoRA, MoME, SPAE, and the embedding rows of added tokens);
@@ -17,7 +19,6 @@ the frozen base model is re-loaded from ``model.llm``.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,30 +198,9 @@ def added_embedding_rows(comp: Components) -> dict[str, torch.Tensor]:
     return {"added_embeddings": w[ids.to(w.device)].float().cpu()}
 
 
-def save_checkpoint(run_dir: Path, name: str, comp: Components, state: dict) -> Path:
-    """Write ``checkpoints/<name>/`` atomically (weights then state.json) and return the folder."""
-    d = run_dir / "checkpoints" / name
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.float().cpu() for k, v in comp.model.trainable_state_dict().items()}
-    tensors.update(added_embedding_rows(comp))
-    atomic_save_safetensors(tensors, d / "trainable.safetensors", metadata={"format": "speeder_fast.run/1"})
-    atomic_write_json(d / "state.json", state)
-    return d
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest ``step*`` checkpoints (stage/final/best are never pruned)."""
-    root = run_dir / "checkpoints"
-    steps = sorted((p for p in root.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-    for p in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None = None,
              prepared: PreparedData | None = None) -> Components:
     """Rebuild a trained run's components from its folder (config, features, trainable weights)."""
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
@@ -239,8 +219,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
         if not fp.is_file():
             raise FileNotFoundError(f"{fp} missing: speeder runs store their item features there")
         feats = load_features(fp)
+    from speeder_fast.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ck.parent)  # verifies the manifest first: a corrupt file raises CheckpointError naming it
     comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared)
-    sd = load_file(str(ck))
+    sd = dict(loaded.weights)
     added = sd.pop("added_embeddings", None)
     comp.model.load_trainable_state_dict(sd)
     if added is not None:
@@ -248,8 +231,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
         with torch.no_grad():
             w = comp.model.embed.weight
             w[ids.to(w.device)] = added.to(w.device, w.dtype)
-    state_path = ck.parent / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = loaded.extra
     comp.model.set_stage(state.get("active_modalities", comp.modalities))
     comp.model.eval()
     return comp
