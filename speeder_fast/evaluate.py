@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from speeder_fast.data.dataset import PreparedData
+from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
 from speeder_fast.metrics import hit_rate, ndcg, rank_of_target
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
 
@@ -83,7 +84,12 @@ def evaluate_split(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score or generate answers for ``split`` with ``model`` and return the metric dict."""
+    """Score or generate answers for ``split`` with ``model`` and return the metric dict.
+
+    Under ``torchrun`` every rank must call it: each scores a contiguous shard of the selected
+    examples (:func:`~speeder_fast.distributed.shard_indices_for_eval`) and the per-example results
+    are gathered in the original order, so every rank returns the metrics over all examples.
+    """
     from tqdm.auto import tqdm
 
     from speeder_fast.model.llm import match_generated
@@ -93,6 +99,11 @@ def evaluate_split(
     sa = prepared.split(split)
     cands = prepared.candidates(split)
     idx = select_examples(len(sa), max_examples, seed)
+    n_selected = len(idx)
+    world = get_world_size()
+    if world > 1:
+        shard = shard_indices_for_eval(len(idx), world, get_rank())
+        idx = idx[shard.start:shard.stop]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -127,14 +138,25 @@ def evaluate_split(
     valid_a = np.concatenate(valid) if valid else np.zeros(0, bool)
     ranks_a = np.concatenate(ranks) if ranks else None
     hlen_a = np.concatenate(hlen) if hlen else np.zeros(0, np.int64)
+    ptok_a = np.concatenate(ptoks) if ptoks else np.zeros(0, np.int64)
+    if world > 1:  # gather per-example results in rank order (= the original order)
+        def _g(a: np.ndarray) -> np.ndarray:
+            return gather_tensor(torch.from_numpy(np.ascontiguousarray(a))).numpy()
+
+        correct_a = _g(correct_a.astype(np.uint8)).astype(bool)
+        valid_a = _g(valid_a.astype(np.uint8)).astype(bool)
+        hlen_a = _g(hlen_a.astype(np.int64))
+        ptok_a = _g(ptok_a.astype(np.int64))
+        if mode == "score":
+            ranks_a = _g((ranks_a if ranks_a is not None else np.zeros(0, np.int64)).astype(np.int64))
     out = summarize(correct_a, valid_a, ranks_a)
     out.update(
         split=split,
         mode=mode,
         n_candidates=int(cands.shape[1]),
-        prompt_tokens_mean=float(np.concatenate(ptoks).mean()) if ptoks else 0.0,
+        prompt_tokens_mean=float(ptok_a.mean()) if len(ptok_a) else 0.0,
         seconds=seconds,
-        examples_per_s=len(idx) / seconds if seconds > 0 else 0.0,
+        examples_per_s=n_selected / seconds if seconds > 0 else 0.0,
         random_hr1=1.0 / cands.shape[1],
     )
     buckets = {}
@@ -278,7 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.run).is_dir():
         print(f"error: run folder {args.run} does not exist", file=sys.stderr)
         return 2
-    _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint, args.device)
+    from speeder_fast.config import ConfigError
+    from speeder_fast.errors import SpeederError
+
+    try:
+        _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
+                                args.device)
+    except (ConfigError, SpeederError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(md)
     print(f"written to {Path(args.run).resolve()}")
     return 0

@@ -13,11 +13,18 @@ MovieLens-100K, paradigm ``speeder`` (text + collab, two MPO stages), score mode
 subset sized to train AND evaluate within 10 minutes on 2 CPU cores (see ``PRESETS`` and
 docs/speeder.md). The resolved config is printed and saved as ``RUN/config.toml``; at the end the
 metrics table and the run folder are printed.
+
+Production use (docs/production.md): ``torchrun --standalone --nproc_per_node=N -m
+speeder_fast.train ...`` trains data-parallel (``train.batch_size`` is per process); ``--resume
+RUN_DIR`` continues an interrupted run from its newest valid checkpoint (exits 0 at once when the run
+had finished). Config, data and checkpoint problems print one ``error:`` line and exit 2; running
+out of GPU memory prints the settings to change and exits 3; a NaN/Inf loss exits 4.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--help-config", action="store_true", help="print every config key with default and help, exit")
     ap.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its config.toml; only "
+                    "eval.*, train.log_every/eval_every/checkpoint_every/keep_checkpoints and device may be --set)")
     return ap
 
 
@@ -107,17 +116,78 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+#: ``--set`` keys allowed with ``--resume`` (they change neither the model, the data nor the schedule).
+RESUME_SAFE = ("eval.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.eval_max_examples", "device")
+
+
+def resolve_resume_config(args: argparse.Namespace) -> Config:
+    """The config of run ``args.resume`` (its ``config.toml``) plus the harmless ``--set`` overrides."""
+    run = Path(args.resume)
+    if not (run / "config.toml").is_file():
+        raise ConfigError(f"--resume {run}: no config.toml there (not a speeder_fast run folder)")
+    cfg = load_config(run / "config.toml")
+    if args.config or any(getattr(args, f) is not None for f in ("data", "model", "paradigm", "precision", "mode",
+                                                                 "output_dir", "run_name")):
+        raise ConfigError("--resume takes the run's own config.toml; --config and the data/model/paradigm/precision/"
+                          "mode/output-dir/run-name shortcuts cannot be combined with it")
+    sets = list(args.sets) + ([f"device={args.device}"] if args.device else [])
+    for s in sets:
+        key = s.split("=", 1)[0].strip()
+        if not key.startswith(RESUME_SAFE):
+            raise ConfigError(f"--set {s}: {key} cannot change when resuming (it would change the model, data or "
+                              f"schedule); allowed: {', '.join(RESUME_SAFE)}")
+        set_override(cfg, s)
+    validate(cfg)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input, 3 out of memory, 4 NaN/Inf loss)."""
     args = build_parser().parse_args(argv)
     if args.help_config:
         for key, default, help_ in describe_fields():
             print(f"{key} = {default}\n    {help_}")
         return 0
+    from speeder_fast import distributed
+    from speeder_fast.data import DataFormatError
+    from speeder_fast.errors import NonFiniteLossError, SpeederError, friendly_oom, is_oom
+
+    cfg: Config | None = None
     try:
-        cfg = resolve_config(args)
+        if args.resume:
+            from speeder_fast.checkpoint import finished_summary, is_finished
+
+            if is_finished(args.resume):
+                if int(os.environ.get("RANK", "0") or 0) == 0:
+                    print(f"run {Path(args.resume).resolve()} has already finished; nothing to resume.\n"
+                          f"summary: {finished_summary(args.resume)}")
+                return 0
+            cfg = resolve_resume_config(args)
+        else:
+            cfg = resolve_config(args)
+        return _run(args, cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except (SpeederError, DataFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        if is_oom(e):
+            print(friendly_oom(e, cfg), file=sys.stderr)
+            return 3
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    """Prepare / train / evaluate per the parsed arguments (errors are handled by :func:`main`)."""
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
     if args.prepare_only:
         from speeder_fast.data import compute_stats, format_stats, prepare
 
@@ -128,21 +198,26 @@ def main(argv: list[str] | None = None) -> int:
     from speeder_fast.evaluate import sasrec_reference, write_report, evaluate_split
     from speeder_fast.training import train
 
-    print("# resolved config\n" + to_toml(cfg))
+    if rank0:
+        print("# resolved config\n" + to_toml(cfg))
     t0 = time.perf_counter()
-    res = train(cfg, progress=not args.no_progress)
+    res = train(cfg, run_dir=Path(args.resume) if args.resume else None, progress=not args.no_progress,
+                resume=bool(args.resume))
     comp = res.components
-    print(f"trained in {res.seconds:.1f} s ({res.steps} steps, {res.epoch_seconds:.1f} s per epoch of "
-          f"{len(comp.prepared.train)} examples)")
+    if rank0:
+        print(f"trained in {res.seconds:.1f} s ({res.steps} steps, {res.epoch_seconds:.1f} s per epoch of "
+              f"{len(comp.prepared.train)} examples)")
     if not args.no_eval:
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,
                                 cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.generate_max_tokens, comp.device,
                                 seed=cfg.seed, progress=not args.no_progress)
         result["checkpoint"] = "final"
-        sas = sasrec_reference(res.run_dir, comp.prepared, cfg.eval.split, cfg.eval.max_examples, seed=cfg.seed)
-        label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
-        print(write_report(res.run_dir, result, sas, label))
-    print(f"total {time.perf_counter() - t0:.1f} s; run folder: {res.run_dir.resolve()}")
+        if rank0:
+            sas = sasrec_reference(res.run_dir, comp.prepared, cfg.eval.split, cfg.eval.max_examples, seed=cfg.seed)
+            label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
+            print(write_report(res.run_dir, result, sas, label))
+    if rank0:
+        print(f"total {time.perf_counter() - t0:.1f} s; run folder: {res.run_dir.resolve()}")
     return 0
 
 

@@ -46,7 +46,8 @@ from speeder_fast.distributed import (ShardedSampler, all_reduce_mean, barrier, 
 from speeder_fast.errors import CheckpointError, NonFiniteLossError, NonFiniteMonitor
 from speeder_fast.utils import get_logger, seed_everything
 
-from .run import Components, added_embedding_rows, build_components, make_run_dir, write_run_files
+from .run import (FEATURES_FILE, Components, added_embedding_rows, build_components, load_features, make_run_dir,
+                  write_run_files)
 
 log = get_logger("speeder_fast.training")
 
@@ -211,8 +212,11 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     run_dir = Path(broadcast_object(None if run_dir is None else str(run_dir)))
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    features = None
+    if resume and cfg.prompt.paradigm == "speeder" and (run_dir / FEATURES_FILE).is_file():
+        features = load_features(run_dir / FEATURES_FILE)  # the exact features the run started with
     comp = build_components(cfg, run_dir=run_dir if main else None, progress=progress, prepared=prepared,
-                            device=device_override)
+                            device=device_override, features=features)
     if main:
         write_run_files(run_dir, comp)
     model, device, tc = comp.model, comp.device, cfg.train
@@ -254,6 +258,7 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     train_seconds = 0.0
     micro_done = 0
     monitor = NonFiniteMonitor(device)
+    step_sleep = float(os.environ.get("SPEEDER_DEBUG_STEP_SLEEP", "0") or 0)
     mgr = CheckpointManager(run_dir, keep_last=tc.keep_checkpoints, clean_stale=main)
     config_text = to_toml(cfg)
 
@@ -376,6 +381,8 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 global_step += 1
+                if step_sleep > 0:  # debug/test hook: slow the run down to interrupt it at a chosen point
+                    time.sleep(step_sleep)
                 loss_g = all_reduce_mean(loss_acc)  # the global-batch mean loss
                 monitor.update(loss_g, global_step)
                 dt = time.perf_counter() - t0
