@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from speeder_fast.config import ModelConfig
 from speeder_fast.utils import get_logger
 
+from .loss import answer_token_loss, label_logits
 from .mome import MoME
 from .positions import SPAE
 from .prompts import PromptBatch, PromptBuilder
@@ -58,10 +59,22 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _attn_impl(name: str) -> str:
-    # flash/varlen kernels are plugged in by speeder_fast.model.attention (packing path); the
-    # padded path used here runs on sdpa unless eager is asked for.
-    return "eager" if name == "eager" else "sdpa"
+#: attention implementations that run packed rows with a real varlen kernel (packing pays there)
+VARLEN_IMPLS = ("speeder_varlen_fa", "speeder_varlen_torch", "speeder_varlen")
+
+
+def resolve_packing(mode: str, attn_impl: str, device: torch.device) -> tuple[bool, str]:
+    """``train.packing`` -> (on, why). ``auto``: on iff a varlen kernel is active on CUDA."""
+    mode = (mode or "auto").lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"train.packing: {mode!r} is not auto, on or off")
+    if mode != "auto":
+        return mode == "on", "requested"
+    if device.type == "cuda" and attn_impl in VARLEN_IMPLS:
+        return True, f"auto: {attn_impl} on CUDA"
+    if device.type != "cuda":
+        return False, f"auto: {device.type} (padded batches; set train.packing=on to pack)"
+    return False, f"auto: attention {attn_impl} has no varlen kernel"
 
 
 def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int = 0) -> nn.Module:
@@ -73,8 +86,12 @@ def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int =
     """
     from transformers import AutoModelForCausalLM
 
+    from .attention import select_attention
+    from .liger import apply_liger
+
     path = resolve_llm_path(cfg.llm)
-    kw: dict[str, Any] = {"attn_implementation": _attn_impl(cfg.attn_impl)}
+    impl = select_attention(cfg.attn_impl, device, logger=log, dtype=compute_dtype(cfg.precision, device))
+    kw: dict[str, Any] = {"attn_implementation": impl}
     if cfg.precision == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -123,6 +140,9 @@ def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int =
         model = get_peft_model(model, lcfg)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
+    # after LoRA / quantisation: liger binds fused forwards onto the existing module instances
+    model.speeder_liger = apply_liger(model, cfg.liger, device=device, logger=log)
+    model.speeder_attn_impl = impl
     return model
 
 
@@ -144,7 +164,8 @@ class SpeederRecModel(nn.Module):
     input embeddings are the plain token embeddings.
     """
 
-    def __init__(self, llm: nn.Module, mome: MoME | None = None, positions: SPAE | None = None) -> None:
+    def __init__(self, llm: nn.Module, mome: MoME | None = None, positions: SPAE | None = None,
+                 packing: str = "auto") -> None:
         super().__init__()
         self.llm = llm
         self.mome = mome
@@ -153,6 +174,19 @@ class SpeederRecModel(nn.Module):
         self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
         self.lm_head = base.get_output_embeddings()
         self.embed = base.get_input_embeddings()
+        #: liger applied by load_llm (then the answer-token loss uses liger's fused linear + CE)
+        self.use_liger = bool(getattr(llm, "speeder_liger", False))
+        self.attn_impl = str(getattr(llm, "speeder_attn_impl", None) or getattr(base.config, "_attn_implementation", "sdpa"))
+        self.packing = False
+        self.set_packing(packing)
+
+    def set_packing(self, mode: str) -> bool:
+        """Apply ``train.packing`` (auto | on | off) for the device the LLM is on; logs one line."""
+        dev = self.embed.weight.device
+        on, why = resolve_packing(mode, self.attn_impl, dev)
+        self.packing = on
+        log.info(f"packing: {'on' if on else 'off'} ({why}; attention {self.attn_impl})")
+        return on
 
     # ------------------------------------------------------------------ inputs and hidden states
     def item_tokens(self, batch: PromptBatch) -> torch.Tensor:
@@ -171,15 +205,59 @@ class SpeederRecModel(nn.Module):
         pos = self.positions if self.positions is not None else SPAE(1, 1, False, False)
         return pos.splice(batch.input_ids, table, batch.slot_item, batch.slot_abs, batch.slot_rel, tokens)
 
+    def _embeds_packed(self, batch: PromptBatch) -> torch.Tensor:
+        """Input embeddings [1, T, H] of the packed row (splice run on packed ids/slots, no padding)."""
+        pb = batch.packed
+        assert pb is not None
+        table = self.embed.weight
+        if self.mome is None or batch.unique_items.numel() == 0:
+            return F.embedding(pb.input_ids, table)
+        slot_item, slot_abs, slot_rel = pb.extras
+        pos = self.positions if self.positions is not None else SPAE(1, 1, False, False)
+        return pos.splice(pb.input_ids, table, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
+
+    def uses_packing(self, batch: PromptBatch) -> bool:
+        """True when ``batch`` runs packed (packing on and the batch carries its packed form)."""
+        return self.packing and batch.packed is not None
+
     def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
-        """Decoder last hidden states [B, L, H] (after the final norm) for a padded batch."""
-        embeds = self.input_embeds(batch)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        """Decoder last hidden states (after the final norm).
+
+        Padded: ``[B, L, H]``. Packed (:meth:`uses_packing`): ``[1, T, H]`` over the real tokens
+        only, decoder run with ``use_cache=False`` and ``position_ids`` / ``cu_seq_lens`` /
+        ``max_length`` from :meth:`PackedBatch.model_kwargs` (no device-to-host sync here).
+        Use :meth:`flat_rows` to address answer / loss positions in either layout.
+        """
+        if self.uses_packing(batch):
+            embeds = self._embeds_packed(batch)
+            out = self.decoder(inputs_embeds=embeds, use_cache=False, **batch.packed.model_kwargs())
+        else:
+            embeds = self.input_embeds(batch)
+            out = self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def flat_rows(self, batch: PromptBatch, padded_flat: torch.Tensor, packed: bool) -> torch.Tensor:
+        """Map flat padded indices ``b * L + p`` to rows of ``hidden.reshape(-1, H)`` (device gather)."""
+        if not packed:
+            return padded_flat
+        return batch.packed.padded_to_packed.reshape(-1).index_select(0, padded_flat)
+
+    def answer_rows(self, batch: PromptBatch, packed: bool) -> torch.Tensor:
+        """Rows of ``hidden.reshape(-1, H)`` at each example's answer position, [B]."""
+        B, L = batch.input_ids.shape
+        flat = torch.arange(B, device=batch.answer_pos.device) * L + batch.answer_pos
+        return self.flat_rows(batch, flat, packed)
 
     # ------------------------------------------------------------------ heads
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
+
+    def _plain_head(self) -> bool:
+        """The LM head is a plain float Linear (not 4-bit / adapted) with no forward hooks: the
+        fused helpers may bypass the module call (hooked heads, e.g. instrumentation, keep it)."""
+        w = getattr(self.lm_head, "weight", None)
+        hooked = bool(self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks)
+        return type(self.lm_head) is nn.Linear and w is not None and w.is_floating_point() and not hooked
 
     def forward(self, batch: PromptBatch, label_loss: bool = False) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens (LM head applied at those positions only).
@@ -187,21 +265,31 @@ class SpeederRecModel(nn.Module):
         ``label_loss`` (score mode): cross-entropy over the ``N`` candidate label logits at the
         answer position (exactly what :meth:`score` ranks) instead of the full vocabulary.
         """
+        packed = self.uses_packing(batch)
         h = self.hidden_states(batch)
         if label_loss:
-            return F.cross_entropy(self._label_logits(h, batch), batch.target_idx)
+            return F.cross_entropy(self._label_logits(h, batch, packed), batch.target_idx)
         H = h.shape[-1]
-        sel = h.reshape(-1, H).index_select(0, batch.loss_pos)
-        return F.cross_entropy(self._head(sel), batch.loss_targets)
+        sel = h.reshape(-1, H).index_select(0, self.flat_rows(batch, batch.loss_pos, packed))
+        if self.use_liger and sel.is_cuda and self._plain_head():  # chunked fused linear + CE, no [A, V] logits
+            return answer_token_loss(sel, self.lm_head.weight, batch.loss_targets, use_liger=True,
+                                     lm_head_bias=self.lm_head.bias)
+        return F.cross_entropy(self._head(sel), batch.loss_targets)  # [A, V] logits for answer rows only
 
-    def _label_logits(self, h: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-        B = h.shape[0]
-        last = h[torch.arange(B, device=h.device), batch.answer_pos]
+    def _label_logits(self, h: torch.Tensor, batch: PromptBatch, packed: bool) -> torch.Tensor:
+        last = h.reshape(-1, h.shape[-1]).index_select(0, self.answer_rows(batch, packed))  # [B, H]
+        if self._plain_head():  # only the N label rows of the head, never [B, V]
+            return label_logits(last, self.lm_head.weight, batch.label_token_ids, self.lm_head.bias).float()
         return self._head(last).index_select(1, batch.label_token_ids)
 
     def score(self, batch: PromptBatch) -> torch.Tensor:
-        """[B, N] logits of the candidate label tokens at each example's answer position."""
-        return self._label_logits(self.hidden_states(batch), batch)
+        """[B, N] logits of the candidate label tokens at each example's answer position.
+
+        One decoder forward per batch; the head is applied at the answer position only, and only
+        for the label tokens. In eval mode under ``no_grad`` the MRC item tokens come from the
+        cached catalogue (:meth:`MoME.encode_catalog`, computed once).
+        """
+        return self._label_logits(self.hidden_states(batch), batch, self.uses_packing(batch))
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:

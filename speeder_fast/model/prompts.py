@@ -38,6 +38,8 @@ import torch
 from speeder_fast.config import PromptConfig
 from speeder_fast.data.dataset import RecDataset
 
+from .packing import PackedBatch, pack_padded
+
 PARADIGMS = ("verbose", "titles", "speeder")
 
 
@@ -73,10 +75,26 @@ class PromptBatch:
     label_token_ids: torch.Tensor  # int64 [N]
     prompt_tokens: torch.Tensor  # int64 [B]: prompt length without the answer
     history_lengths: torch.Tensor  # int64 [B]
+    # padding-free form built on the host at build time (extras: input_ids is the packed row;
+    # extras = (slot_item, slot_abs, slot_rel)); used by SpeederRecModel when packing is on
+    packed: PackedBatch | None = None
 
     def to(self, device: torch.device | str) -> "PromptBatch":
-        """Move every tensor to ``device`` (non-blocking)."""
-        kw = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        """Move every tensor (and the packed form) to ``device`` (non-blocking)."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = None if v is None else v.to(device, non_blocking=True)
+        return PromptBatch(**kw)
+
+    def with_packed(self) -> "PromptBatch":
+        """This batch with :attr:`packed` filled in (host tensors only: packing reads lengths)."""
+        if self.packed is not None:
+            return self
+        if self.attention_mask.device.type != "cpu":
+            raise RuntimeError("PromptBatch.with_packed: pack on the host before .to(device) (avoids a device sync)")
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw["packed"] = pack_padded(self.input_ids, self.attention_mask, self.slot_item, self.slot_abs, self.slot_rel)
         return PromptBatch(**kw)
 
     @property
@@ -393,7 +411,7 @@ class PromptBuilder:
             label_token_ids=t(self.label_ids),
             prompt_tokens=t(prompt_len),
             history_lengths=t(np.minimum(lengths, self.max_history)),
-        )
+        ).with_packed()
 
     def render(self, batch: PromptBatch, b: int = 0) -> str:
         """Human-readable text of example ``b`` (soft-token slots shown as ``<item:ID>``)."""

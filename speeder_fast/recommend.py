@@ -1,0 +1,197 @@
+"""Top-k recommendations for given users from a trained run.
+
+    python -m speeder_fast.recommend --run runs/DIR --users users.txt [--top-k 5] [--split test]
+                                     [--candidates persisted | --candidates all-unseen N] [--seed 0]
+                                     [--out recs.jsonl] [--batch-size B] [--checkpoint final] [--device cpu]
+
+``--users FILE``: one raw user id per line (blank lines and lines starting with ``#`` are
+skipped), or the word ``all`` for every user with a row in the split.
+
+Which history and which candidates (the model ranks a fixed candidate list, it does not search the
+catalogue):
+
+* ``--candidates persisted`` (default): the persisted candidates of ``--split`` for that user (the
+  same list :mod:`speeder_fast.evaluate` ranks; it contains the held-out item), and the history is
+  the user's interactions *before* that held-out item (its most recent ``data.max_history``
+  items). The top-1 here is exactly evaluate's score-mode answer for that example.
+* ``--candidates all-unseen N``: a real next-item query. History = the user's full interaction
+  sequence (most recent ``data.max_history`` items); candidates = ``N`` items the user never
+  interacted with, sampled uniformly with ``numpy.random.default_rng([seed, user_index])``
+  (reproducible per user). ``N`` must equal the run's ``data.n_candidates`` (the prompt has that
+  many label tokens).
+
+Ranking is by the candidate label-token logits at the answer position (``SpeederRecModel.score``:
+one forward per batch of users, MRC item tokens from the cached catalogue). Each output line is a
+JSON object: ``user``, ``line`` (in the users file; null for ``all``), ``history`` (raw item ids,
+oldest first), ``recommendations`` = ``[{rank, item, title, score, prob}]`` (``prob`` = softmax over
+the candidates). Runs trained with ``prompt.answer_mode=generate`` are ranked the same way (a
+warning is logged: their label tokens were not trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from speeder_fast.utils import atomic_write_text, get_logger
+
+log = get_logger("speeder_fast.recommend")
+
+
+class UsersFileError(ValueError):
+    """A bad line in the users file (message names the file and line)."""
+
+
+def read_users(path: str | Path, known: dict[str, int]) -> list[tuple[int, str, int]]:
+    """Parse a users file into ``[(line_no, raw_id, user_index)]``; unknown ids raise, naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"users file {p} does not exist")
+    out = []
+    for no, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        uid = raw.strip()
+        if not uid or uid.startswith("#"):
+            continue
+        if uid not in known:
+            raise UsersFileError(f"{p}:{no}: unknown user id {uid!r} (not in the run's dataset)")
+        out.append((no, uid, known[uid]))
+    if not out:
+        raise UsersFileError(f"{p}: no user ids (one raw user id per line)")
+    return out
+
+
+def unseen_candidates(seq: np.ndarray, n_items: int, n: int, seed: int, user: int) -> np.ndarray:
+    """``n`` distinct items never in ``seq``, seeded by ``(seed, user)``."""
+    pool = np.setdiff1d(np.arange(n_items), seq)
+    if len(pool) < n:
+        raise ValueError(f"user index {user}: only {len(pool)} unseen items, {n} candidates requested")
+    return np.random.default_rng([seed, user]).choice(pool, n, replace=False).astype(np.int64)
+
+
+def build_queries(comp: Any, users: list[tuple[int | None, str, int]], split: str, candidates: str, n_unseen: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Histories [n, H] (-1 padded), lengths [n] and candidates [n, N] for ``users``."""
+    prepared, cfg = comp.prepared, comp.cfg
+    H = cfg.data.max_history
+    n = len(users)
+    hist = np.full((n, H), -1, np.int64)
+    lens = np.zeros(n, np.int64)
+    if candidates == "persisted":
+        sa = prepared.split(split)
+        cands_all = prepared.candidates(split)
+        row_of = {int(u): r for r, u in enumerate(sa.users)}
+        cands = np.zeros((n, cands_all.shape[1]), np.int64)
+        for i, (no, uid, u) in enumerate(users):
+            r = row_of.get(u)
+            if r is None:
+                where = f"line {no}: " if no is not None else ""
+                raise UsersFileError(f"{where}user {uid!r} has no {split} example (too few interactions)")
+            L = int(sa.lengths[r])
+            hist[i, : min(L, H)] = sa.histories[r, max(0, L - H) : L]
+            lens[i] = min(L, H)
+            cands[i] = cands_all[r]
+        return hist, lens, cands
+    N = cfg.data.n_candidates
+    if n_unseen != N:
+        raise ValueError(f"--candidates all-unseen {n_unseen}: this run's prompts have {N} candidate labels "
+                         f"(data.n_candidates); use all-unseen {N}")
+    cands = np.zeros((n, N), np.int64)
+    ds = prepared.dataset
+    for i, (_, _, u) in enumerate(users):
+        seq = np.asarray(ds.sequences[u], np.int64)
+        h = seq[-H:]
+        hist[i, : len(h)] = h
+        lens[i] = len(h)
+        cands[i] = unseen_candidates(seq, ds.n_items, N, seed, u)
+    return hist, lens, cands
+
+
+@torch.no_grad()
+def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 5, split: str = "test",
+              candidates: str = "persisted", n_unseen: int = 0, seed: int = 0, batch_size: int = 16,
+              progress: bool = True) -> Iterator[dict]:
+    """Yield one recommendation record per user (see the module docstring for the fields)."""
+    from tqdm.auto import tqdm
+
+    model, builder, ds = comp.model, comp.builder, comp.prepared.dataset
+    N = comp.cfg.data.n_candidates
+    if not 1 <= top_k <= N:
+        raise ValueError(f"--top-k must be in 1..{N} (the number of candidates), got {top_k}")
+    if comp.cfg.prompt.answer_mode == "generate":
+        log.warning("this run was trained with answer_mode=generate: ranking by label-token logits, which it did not train")
+    hist, lens, cands = build_queries(comp, users, split, candidates, n_unseen, seed)
+    model.eval()
+    for s in tqdm(range(0, len(users), batch_size), desc="recommend", unit="batch", disable=not progress, leave=False):
+        sl = slice(s, s + batch_size)
+        batch = builder.build(hist[sl], lens[sl], cands[sl], None, with_answer=False)
+        scores = model.score(batch.to(comp.device)).float().cpu()
+        probs = scores.softmax(1)
+        top = scores.topk(top_k, dim=1)
+        for j, (no, uid, u) in enumerate(users[sl]):
+            recs = []
+            for rank, (v, c) in enumerate(zip(top.values[j].tolist(), top.indices[j].tolist()), 1):
+                item = int(cands[s + j, c])
+                recs.append({"rank": rank, "item": ds.item_ids[item], "title": builder.titles[item],
+                             "score": round(float(v), 6), "prob": round(float(probs[j, c]), 6)})
+            h = hist[s + j, : lens[s + j]]
+            yield {"user": uid, "line": no, "history": [ds.item_ids[int(i)] for i in h], "recommendations": recs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m speeder_fast.recommend", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run folder written by speeder_fast.train")
+    ap.add_argument("--users", required=True, help="file with one raw user id per line, or 'all'")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--split", choices=["valid", "test"], default="test", help="persisted candidates of this split")
+    ap.add_argument("--candidates", nargs="+", default=["persisted"], metavar="MODE",
+                    help="'persisted' (default) or 'all-unseen N'")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the all-unseen candidate sampling")
+    ap.add_argument("--out", default=None, help="write JSONL here (atomically); default: print to stdout")
+    ap.add_argument("--batch-size", type=int, default=None, help="users per forward (default: eval.batch_size)")
+    ap.add_argument("--checkpoint", default="final")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's device setting)")
+    args = ap.parse_args(argv)
+
+    mode = args.candidates[0]
+    n_unseen = 0
+    if mode == "all-unseen" and len(args.candidates) == 2 and args.candidates[1].isdigit():
+        n_unseen = int(args.candidates[1])
+    elif not (mode == "persisted" and len(args.candidates) == 1):
+        print(f"error: --candidates must be 'persisted' or 'all-unseen N', got {' '.join(args.candidates)!r}", file=sys.stderr)
+        return 2
+    if not Path(args.run).is_dir():
+        print(f"error: run folder {args.run} does not exist", file=sys.stderr)
+        return 2
+    from speeder_fast.training.run import load_run
+
+    try:
+        comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        comp.model.set_packing(comp.cfg.train.packing)
+        ds = comp.prepared.dataset
+        if args.users == "all":
+            rows = comp.prepared.split(args.split).users if mode == "persisted" else np.arange(ds.n_users)
+            users: list[tuple[int | None, str, int]] = [(None, ds.user_ids[int(u)], int(u)) for u in rows]
+        else:
+            users = read_users(args.users, {u: i for i, u in enumerate(ds.user_ids)})
+        records = list(recommend(comp, users, args.top_k, args.split, mode, n_unseen, args.seed,
+                                 args.batch_size or comp.cfg.eval.batch_size))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"{len(records)} users written to {Path(args.out).resolve()}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
