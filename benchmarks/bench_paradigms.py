@@ -301,8 +301,12 @@ def load_llama_nf4(tokenizer: Any, device: torch.device, seed: int = SEED, shape
     from fastpath_check import quantize_nf4  # benchmarks/ is on sys.path
     from speeder_fast.config import ModelConfig
 
+    import speeder_fast.model.attention as attention  # registers the speeder_varlen* implementations
+    from speeder_fast.model.liger import apply_liger
+
     mc = ModelConfig()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    impl = attention.select_attention(mc.attn_impl, device, dtype=dtype)  # as load_llm does
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-5, use_cache=True,
                       tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
@@ -312,7 +316,7 @@ def load_llama_nf4(tokenizer: Any, device: torch.device, seed: int = SEED, shape
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+            model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=dtype)
     finally:
         torch.set_default_dtype(prev)
     quantize_nf4(model, dtype)
@@ -325,6 +329,8 @@ def load_llama_nf4(tokenizer: Any, device: torch.device, seed: int = SEED, shape
     model = get_peft_model(model, lcfg)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
+    model.speeder_liger = apply_liger(model, mc.liger, device=device)  # load_llm's last steps
+    model.speeder_attn_impl = impl
     return model
 
 
@@ -526,6 +532,9 @@ class ParadigmRunner:
             "tokens": int(probe.attention_mask.sum()),
             "history_mean": round(float(np.minimum(lens, BUILDER_HISTORY).mean()), 2),
             "build_ms": round(build_ms, 3),
+            # fast-path state of the model as the training code set it up (None: not wired)
+            "packing": getattr(model, "packing", None), "attn_impl": getattr(model, "attn_impl", None),
+            "liger": getattr(model, "use_liger", None),
         }
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 

@@ -201,6 +201,10 @@ def environment_lines(meta: list[dict], records: list[dict]) -> list[str]:
     dtypes = sorted({f"{r['model']}: {r.get('dtype', r.get('precision', '?'))}, weights {r.get('weights', '?')}" for r in records})
     if dtypes:
         lines.append("- models: " + "; ".join(dtypes))
+    fast = sorted({(r["model"], str(r.get("packing")), str(r.get("attn_impl")), str(r.get("liger"))) for r in records
+                   if "attn_impl" in r})
+    for model, packing, attn, liger in fast:
+        lines.append(f"- fast path ({model}, as the model set it up): packing {packing}, attention {attn}, liger {liger}")
     for m in meta:
         if m.get("kind") == "collector":
             v = m.get("versions") or {}
@@ -286,7 +290,12 @@ def markdown(data: dict[str, Any], title: str = "Paradigm benchmarks") -> str:
         out.append("")
     if data["skipped"]:
         out += ["#### Skipped cases", ""]
-        out += [f"- `{s.get('case_id')}`: {s.get('why')}" for s in data["skipped"]]
+        by_why: dict[str, list[str]] = {}
+        for s in data["skipped"]:
+            by_why.setdefault(str(s.get("why")), []).append(str(s.get("case_id")))
+        for why, ids in by_why.items():
+            shown = ", ".join(f"`{i}`" for i in ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+            out.append(f"- {shown}: {why}")
         out.append("")
     for k in data["kernels"]:
         out += [f"#### Kernels ({k.get('card')}, copy bandwidth {_f(k.get('copy_gbs'), 0)} GB/s)", "",

@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -449,7 +450,7 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
         "phase": phase, "mode": mode, "paradigm": comp.cfg.prompt.paradigm, "device": str(device), "card": card,
         "precision": dtype, "llm": comp.cfg.model.llm, "batch_size": args.batch_size,
         "data": comp.cfg.data.source, "max_history": comp.cfg.data.max_history,
-        "steps_timed": args.steps, "step_s": times, "step_s_median": float(sorted(times)[len(times) // 2]) if times else None,
+        "steps_timed": args.steps, "step_s": times, "step_s_median": float(statistics.median(times)) if times else None,
         "examples_per_s": work["examples"] / total_s if total_s else None,
         "tokens_per_step": work["tokens"] / max(1, args.steps), "work": work,
         "flops_formula": formula + " (N decoder linear weights, T real prompt tokens, V*H LM head, "
@@ -483,6 +484,8 @@ def _run_train(args: argparse.Namespace) -> int:
     def step() -> dict:
         with torch.profiler.record_function("prompt_build"):
             batch = stream.next()
+        if isinstance(batch, tuple):  # (batch, loss weight) since the DDP-aware loop
+            batch = batch[0]
         work = {"tokens": batch.n_tokens, "answer_rows": int(batch.loss_pos.numel()), "examples": int(batch.input_ids.shape[0])}
         with torch.profiler.record_function("forward"):
             loss = model(batch.to(device))
