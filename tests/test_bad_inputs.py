@@ -1,13 +1,16 @@
 """Malformed inputs -> a clear error naming the field/file, and nothing left half-written.
 
-Covers what exists for production training: configs (``config.load_config``/``validate``),
-checkpoints (``checkpoint``), torchrun environments (``distributed``) and error helpers (``errors``).
+Covers configs (``config.load_config``/``validate``), checkpoints (``checkpoint``), torchrun
+environments (``distributed``), error helpers (``errors``), and the same failures end to end through
+the CLI (``python -m speeder_fast.train``): a malformed ``.inter`` with ``--prepare-only``, bad configs,
+``--resume`` of corrupt checkpoints, a NaN loss (exit 4, last good checkpoint kept) and an OOM (exit 3).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 
 import pytest
@@ -283,3 +286,157 @@ def test_friendly_oom_message_names_keys_and_values():
     msg = friendly_oom(RuntimeError("CUDA error: out of memory"), cfg)
     assert "gradient_checkpointing=true  (" not in msg and "precision=nf4  (" not in msg
     assert "--set train.max_tokens_per_batch=2048" in msg and "train.batch_size=" in msg
+
+
+# ------------------------------------------------------------------- through the CLI / training loop
+# (the tiny RecBole dataset and config helpers live in test_resume.py)
+
+
+def _files_under(p):
+    return sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file()) if p.exists() else []
+
+
+BAD_INTER = [
+    (7, "u1\t3\tyesterday", r"tiny\.inter:8: column 'timestamp': 'yesterday' is not a number"),
+    (3, "u1\t3", r"tiny\.inter:4"),
+]
+
+
+@pytest.mark.parametrize("line,text,pattern", BAD_INTER, ids=["timestamp", "short-row"])
+def test_prepare_only_bad_inter_names_file_and_line(tmp_path, monkeypatch, capsys, line, text, pattern):
+    from test_resume import write_atomic_dataset
+
+    from speeder_fast.train import main
+
+    d = write_atomic_dataset(tmp_path / "d")
+    rows = (d / "tiny.inter").read_text().splitlines()
+    rows[line] = text
+    (d / "tiny.inter").write_text("\n".join(rows) + "\n")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPEEDER_CACHE", str(cache))
+    assert main(["--prepare-only", "--data", str(d), "--set", "data.user_kcore=0"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err
+    assert _files_under(cache) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--set", "train.batch_size=0"], r"config error: .*train\.batch_size"),
+    (["--set", "train.stages=[{\"modalities\": [\"video\"]}]"], r"config error: .*unknown modality 'video'"),
+    (["--set", "model.precision=fp8"], r"config error: .*model\.precision"),
+])
+def test_bad_config_through_cli_exit_2_one_message(tmp_path, monkeypatch, capsys, args, pattern):
+    from speeder_fast.train import main
+
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    assert main(["--output-dir", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err, re.S) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # before any heavy work
+
+
+def test_bad_config_file_through_cli_subprocess(tmp_path):
+    """The real entry point: exit status 2, one message, no traceback."""
+    import subprocess
+
+    p = tmp_path / "bad.toml"
+    p.write_text("[train]\nbatch_sise = 4\n")
+    r = subprocess.run([sys.executable, "-m", "speeder_fast.train", "--config", str(p)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "unknown config key 'train.batch_sise'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_argument_errors(tmp_path, capsys):
+    from speeder_fast.train import main
+
+    assert main(["--resume", str(tmp_path / "nope")]) == 2
+    assert "no config.toml" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text(to_toml_default())
+    assert main(["--resume", str(tmp_path / "run"), "--set", "model.lora_r=4"]) == 2
+    assert "model.lora_r cannot change when resuming" in capsys.readouterr().err
+
+
+def to_toml_default() -> str:
+    from speeder_fast.config import to_toml
+
+    return to_toml(Config())
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    import tiny
+    from test_resume import write_atomic_dataset
+
+    root = tmp_path_factory.mktemp("bad_inputs_tiny")
+    return tiny.make_llm_dir(root / "llm"), write_atomic_dataset(root / "data")
+
+
+def test_resume_with_only_corrupt_checkpoints_fails_clearly(tiny_inputs, tmp_path, monkeypatch, capsys):
+    from test_resume import tiny_config
+
+    from speeder_fast.config import to_toml
+    from speeder_fast.train import main
+
+    llm, data = tiny_inputs
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(llm, data, tmp_path / "out", "run")
+    run = tmp_path / "out" / "run"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(cfg))
+    mgr = CheckpointManager(run, keep_last=2)
+    mgr.save(2, TrainState(step=2, weights={"w": torch.ones(3)}, rng=[capture_rng()]))
+    st = run / "checkpoints" / "step-00000002" / "trainer_state.json"
+    st.write_text(st.read_text().replace('"step": 2', '"step": 3'))  # same size, different bytes
+    assert main(["--resume", str(run), "--no-progress", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no valid checkpoint" in err and "trainer_state.json: sha256 mismatch" in err, err
+    assert "Traceback" not in err
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tiny_inputs, tmp_path, monkeypatch, capsys):
+    """A loss that turns NaN at step 5: exit 4 naming step 5, nothing saved after step 4, whose weights are finite."""
+    from test_resume import tiny_config
+
+    from speeder_fast.checkpoint import load_checkpoint
+    from speeder_fast.config import to_toml
+    from speeder_fast.model.llm import SpeederRecModel
+    from speeder_fast.train import main
+
+    llm, data = tiny_inputs
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(llm, data, tmp_path / "out", "nan", eval_every=0, keep_checkpoints=5)
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    orig = SpeederRecModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        out = orig(self, *a, **k)
+        return out * float("nan") if calls["n"] >= 5 else out  # grad_accum=1: call 5 = step 5
+
+    monkeypatch.setattr(SpeederRecModel, "forward", poisoned)
+    assert main(["--config", str(tmp_path / "c.toml"), "--no-progress", "--no-eval"]) == 4
+    err = capsys.readouterr().err
+    assert "training loss is nan at step 5" in err and "step-00000004" in err and "--resume" in err, err
+    run = tmp_path / "out" / "nan"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    st = load_checkpoint(run / "checkpoints" / "step-00000004")
+    assert st.step == 4 and all(torch.isfinite(t).all() for t in st.weights.values())
+    assert not (run / "FINISHED.json").exists()
+
+
+def test_cli_out_of_memory_prints_friendly_message(tmp_path, monkeypatch, capsys):
+    """A CUDA OOM inside training -> the friendly_oom advice (current values + --set suggestions), exit 3."""
+    import speeder_fast.training as training
+    from speeder_fast.train import main
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "train", boom)
+    assert main(["--output-dir", str(tmp_path), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "train.batch_size" in err and "--set" in err and "Traceback" not in err, err
