@@ -99,6 +99,11 @@ def test_packed_batch_moves_with_prompt_batch(llm_dir):
     # the packed row holds exactly the real tokens, example by example
     real = torch.cat([b.input_ids[i][b.attention_mask[i].bool()] for i in range(3)])
     assert torch.equal(b.packed.input_ids[0], real)
+    # packing reads lengths: refused on device tensors (a sync) -- "meta" stands in for CUDA here
+    from dataclasses import replace
+
+    with pytest.raises(RuntimeError, match="before .to"):
+        replace(b, packed=None, attention_mask=b.attention_mask.to("meta")).with_packed()
 
 
 def test_selection_log_lines(llm_dir, caplog):
@@ -182,3 +187,19 @@ def test_generate_works_with_packing_on(llm_dir):
     assert torch.equal(gen_on, gen_off)
     texts, pred = match_generated(builder, gen_on, g.candidates)
     assert len(texts) == 3 and pred.shape == (3,)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_builder_packing_equals_pack_padded(llm_dir, side):
+    """PromptBuilder's numpy packing == packing.pack_padded of the padded tensors."""
+    from speeder_fast.model.packing import pack_padded
+
+    prepared, builder, _ = _setup(llm_dir, paradigm="speeder")
+    b = _batch(prepared, builder, padding_side=side)
+    ref = pack_padded(b.input_ids, b.attention_mask, b.slot_item, b.slot_abs, b.slot_rel)
+    got = b.packed
+    for name in ("input_ids", "position_ids", "cu_seqlens", "seq_index", "lengths", "flat_index", "padded_to_packed"):
+        a, r = getattr(got, name), getattr(ref, name)
+        assert a.dtype == r.dtype and torch.equal(a, r), name
+    assert got.max_seqlen == ref.max_seqlen and got.padded_shape == ref.padded_shape
+    assert all(torch.equal(x, y) for x, y in zip(got.extras, ref.extras)) and len(got.extras) == 3

@@ -103,6 +103,40 @@ class PromptBatch:
         return int(self.attention_mask.sum())
 
 
+def pack_numpy(lengths: np.ndarray, L: int, padding_side: str, input_ids: np.ndarray,
+               *extra: np.ndarray) -> PackedBatch:
+    """The :class:`PackedBatch` of a left/right padded ``[B, L]`` batch with row ``lengths``,
+    computed in numpy on the host (same result as :func:`pack_padded`, without torch's
+    small-op overhead at collate time)."""
+    B = len(lengths)
+    lengths = np.asarray(lengths, np.int64)
+    cu = np.zeros(B + 1, np.int64)
+    cu[1:] = np.cumsum(lengths)
+    T = int(cu[-1])
+    seq_index = np.repeat(np.arange(B, dtype=np.int64), lengths)
+    pos = np.arange(T, dtype=np.int64) - cu[:-1][seq_index]
+    offs = np.zeros(B, np.int64) if padding_side == "right" else L - lengths
+    flat_index = seq_index * L + offs[seq_index] + pos
+    p2p = np.full(B * L, -1, np.int64)
+    p2p[flat_index] = np.arange(T, dtype=np.int64)
+
+    def row(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x.reshape(-1)[flat_index])).unsqueeze(0)
+
+    return PackedBatch(
+        input_ids=row(input_ids),
+        position_ids=torch.from_numpy(pos).unsqueeze(0),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+        max_seqlen=int(lengths.max()) if B else 0,
+        seq_index=torch.from_numpy(seq_index),
+        lengths=torch.from_numpy(lengths.copy()),
+        flat_index=torch.from_numpy(flat_index),
+        padded_to_packed=torch.from_numpy(p2p.reshape(B, L)),
+        extras=tuple(row(e) for e in extra),
+        padded_shape=(B, L),
+    )
+
+
 def _split_template(template: str, names: Sequence[str], where: str) -> list[str]:
     """Split ``template`` on ``{name}`` fields (in the given order); raises on a missing field."""
     parts = []
@@ -411,7 +445,9 @@ class PromptBuilder:
             label_token_ids=t(self.label_ids),
             prompt_tokens=t(prompt_len),
             history_lengths=t(np.minimum(lengths, self.max_history)),
-        ).with_packed()
+            packed=pack_numpy(np.asarray([len(r) for r in rows_ids], np.int64), L, padding_side,
+                              input_ids, slot_item, s_abs, s_rel),
+        )
 
     def render(self, batch: PromptBatch, b: int = 0) -> str:
         """Human-readable text of example ``b`` (soft-token slots shown as ``<item:ID>``)."""
