@@ -171,7 +171,7 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
                     kernels_force=cfg.model.use_kernels)
         positions = SPAE(H, cfg.model.max_positions, cfg.model.spae_absolute, cfg.model.spae_relative, init_std=0.1 * rms,
                          kernels_force=cfg.model.use_kernels)
-    model = SpeederRecModel(llm, mome, positions)
+    model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing)
     if mome is not None:
         mome.to(device)
         positions.to(device)
