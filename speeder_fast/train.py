@@ -2,7 +2,8 @@
 
 Configuration is resolved in this order (later wins):
 
-1. the preset (``--preset``; default ``quick`` when no ``--config`` is given, else ``none``),
+1. the preset (``--preset``; default ``quick`` when neither ``--config`` nor ``--prepare-only`` is
+   given, else ``none``),
 2. ``--config FILE.toml``,
 3. the shortcuts (``--data``, ``--model``, ``--paradigm``, ``--precision``, ``--mode``,
    ``--output-dir``, ``--device``),
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--config", help="TOML config file")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="named preset applied first (default: quick without --config, none with it)")
+                    help="named preset applied first (default: quick without --config, none with it or with --prepare-only)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     ap.add_argument("--data", help="data.source (ml-100k, a RecBole folder, raw Amazon folder)")
     ap.add_argument("--model", help="model.llm (HF id/local path; smollm2-135m = offline asset)")
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Preset -> config file -> shortcuts -> --set (see module docstring)."""
-    preset = args.preset or ("none" if args.config else "quick")
+    # --prepare-only shows the whole dataset unless a preset is asked for explicitly
+    preset = args.preset or ("none" if args.config or args.prepare_only else "quick")
     shortcuts = []
     for flag, key in (("data", "data.source"), ("model", "model.llm"), ("paradigm", "prompt.paradigm"),
                       ("precision", "model.precision"), ("mode", "prompt.answer_mode"), ("output_dir", "output_dir"),
