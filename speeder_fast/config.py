@@ -242,19 +242,19 @@ def set_override(cfg: Config, assignment: str) -> None:
     _apply(cfg, nested)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    cfg = Config()
-    if path:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {p}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from e
-        _apply(cfg, data)
-    for o in overrides or []:
-        set_override(cfg, o)
+def read_toml(path: str | Path) -> dict:
+    """Parse a TOML config file; a missing file or bad TOML is a ConfigError naming the file."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {p}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+
+
+def normalise_stages(cfg: Config) -> None:
+    """Turn ``train.stages`` tables (from TOML or ``--set``) into StageConfig objects, checking keys."""
     stages = []
     for i, st in enumerate(cfg.train.stages):
         if isinstance(st, StageConfig):
@@ -266,6 +266,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(s, st, f"train.stages[{i}].")
         stages.append(s)
     cfg.train.stages = stages
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        _apply(cfg, read_toml(path))
+    for o in overrides or []:
+        set_override(cfg, o)
+    normalise_stages(cfg)
     validate(cfg)
     return cfg
 

@@ -30,10 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-import tomllib
 
-from speeder_fast.config import (Config, ConfigError, StageConfig, _apply, describe_fields, load_config, set_override,
-                                 to_toml, validate)
+from speeder_fast.config import (Config, ConfigError, _apply, describe_fields, load_config, normalise_stages,
+                                 read_toml, set_override, to_toml, validate)
 
 #: Named presets: lists of ``--set`` assignments applied before the config file.
 PRESETS: dict[str, list[str]] = {
@@ -95,23 +94,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
     for s in PRESETS[preset]:
         set_override(cfg, s)
     if args.config:
-        load_config(args.config)  # clear errors for a missing file, bad TOML, unknown keys
         # the file's keys win over the preset's: apply the file's tables on top
-        _apply(cfg, tomllib.loads(Path(args.config).read_text()))
+        _apply(cfg, read_toml(args.config))  # clear errors for a missing file, bad TOML, unknown keys
     for s in shortcuts + list(args.sets):
         set_override(cfg, s)
-    # normalise stage tables and validate (same path as load_config)
-    stages = []
-    for i, st in enumerate(cfg.train.stages):
-        if isinstance(st, StageConfig):
-            stages.append(st)
-            continue
-        if not isinstance(st, dict):
-            raise ConfigError(f"train.stages[{i}]: expected a table, got {st!r}")
-        s = StageConfig()
-        _apply(s, st, f"train.stages[{i}].")
-        stages.append(s)
-    cfg.train.stages = stages
+    normalise_stages(cfg)  # same path as load_config
+    stages = cfg.train.stages
     if cfg.prompt.paradigm != "speeder" and len(stages) > 1:
         cfg.train.stages = stages[:1]  # verbose/titles: a single stage (its budget = the first stage's)
     validate(cfg)
