@@ -226,7 +226,7 @@ def format_table(rows: list[tuple[str, dict | None]]) -> str:
             continue
         vals = [_fmt(m.get(c)) for c in COLUMNS]
         pt = m.get("prompt_tokens_mean")
-        lines.append(f"| {name} | {m.get('n', 'n/a')} | " + " | ".join(vals) + f" | {_fmt(pt) if pt else 'n/a'} |")
+        lines.append(f"| {name} | {m.get('n', 'n/a')} | " + " | ".join(vals) + f" | {f'{pt:.1f}' if pt else 'n/a'} |")
     return "\n".join(lines)
 
 

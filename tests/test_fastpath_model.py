@@ -7,8 +7,6 @@ import pytest
 import torch
 
 import tiny
-from speeder_fast.config import Config
-from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms, load_llm, load_tokenizer
 from speeder_fast.model.llm import match_generated, resolve_packing
 
 
@@ -18,29 +16,9 @@ def llm_dir(tmp_path_factory):
 
 
 def _setup(llm_dir, paradigm="speeder", mode="score", k=2, attn_impl="auto", liger="auto"):
-    cfg = Config()
-    cfg.model.llm = str(llm_dir)
-    cfg.model.n_item_tokens = k
-    cfg.model.lora_dropout = 0.0
-    cfg.model.attn_impl = attn_impl
-    cfg.model.liger = liger
-    cfg.prompt.paradigm = paradigm
-    cfg.prompt.answer_mode = mode
-    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
-    tok = load_tokenizer(str(llm_dir))
-    builder = PromptBuilder(tok, prepared.dataset, cfg.prompt, 8, 5, k, False)
-    llm = load_llm(cfg.model, torch.device("cpu"), tok, seed=0)
-    mome = spae = None
-    if paradigm == "speeder":
-        torch.manual_seed(0)
-        mome = MoME(tiny.tiny_features(prepared), 64, k, 32, False, embedding_rms(llm))
-        spae = SPAE(64, 16)
-    with torch.no_grad():  # LoRA B starts at zero: give it values so LoRA changes the forward
-        g = torch.Generator().manual_seed(1)
-        for n, p in llm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return prepared, builder, SpeederRecModel(llm, mome, spae)
+    _, prepared, builder, model = tiny.make_rec_model(llm_dir, paradigm, mode, k, lora_b_noise=True,
+                                                      attn_impl=attn_impl, liger=liger)
+    return prepared, builder, model
 
 
 def _batch(prepared, builder, n=7, **kw):

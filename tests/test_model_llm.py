@@ -5,8 +5,6 @@ import pytest
 import torch
 
 import tiny
-from speeder_fast.config import Config
-from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms, load_llm, load_tokenizer
 from speeder_fast.model.llm import match_generated
 
 
@@ -16,23 +14,7 @@ def llm_dir(tmp_path_factory):
 
 
 def _setup(llm_dir, paradigm="speeder", precision="fp32", mode="score", k=2, lora_dropout=0.0):
-    cfg = Config()
-    cfg.model.llm = str(llm_dir)
-    cfg.model.precision = precision
-    cfg.model.n_item_tokens = k
-    cfg.model.lora_dropout = lora_dropout
-    cfg.prompt.paradigm = paradigm
-    cfg.prompt.answer_mode = mode
-    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
-    tok = load_tokenizer(str(llm_dir))
-    builder = PromptBuilder(tok, prepared.dataset, cfg.prompt, 8, 5, k, False)
-    llm = load_llm(cfg.model, torch.device("cpu"), tok, seed=0)
-    mome = spae = None
-    if paradigm == "speeder":
-        torch.manual_seed(0)
-        mome = MoME(tiny.tiny_features(prepared), 64, k, 32, False, embedding_rms(llm))
-        spae = SPAE(64, 16)
-    return cfg, prepared, builder, SpeederRecModel(llm, mome, spae)
+    return tiny.make_rec_model(llm_dir, paradigm, mode, k, precision=precision, lora_dropout=lora_dropout)
 
 
 def _batch(prepared, builder, n=6, **kw):

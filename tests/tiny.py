@@ -131,3 +131,40 @@ def tiny_features(prepared: PreparedData, dims: dict | None = None, seed: int = 
         out[m] = (torch.randn(n, d, generator=g), torch.ones(n, dtype=torch.bool))
     return out
 
+
+
+def make_rec_model(llm_dir, paradigm: str = "speeder", mode: str = "score", k: int = 2, lora_b_noise: bool = False,
+                   **model_cfg):
+    """``(cfg, prepared, builder, SpeederRecModel)`` on the tiny Llama in ``llm_dir`` (8 candidates,
+    history <= 5, LoRA dropout 0). ``model_cfg`` sets ``cfg.model`` fields (``precision``,
+    ``attn_impl``, ``liger``, ...). ``lora_b_noise`` fills LoRA B with seeded values so LoRA changes
+    the forward pass (peft starts it at zero)."""
+    import torch
+
+    from speeder_fast.config import Config
+    from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms, load_llm, load_tokenizer
+
+    cfg = Config()
+    cfg.model.llm = str(llm_dir)
+    cfg.model.n_item_tokens = k
+    cfg.model.lora_dropout = 0.0
+    for key, value in model_cfg.items():
+        setattr(cfg.model, key, value)
+    cfg.prompt.paradigm = paradigm
+    cfg.prompt.answer_mode = mode
+    prepared = make_prepared(n_candidates=8, max_history=5)
+    tok = load_tokenizer(str(llm_dir))
+    builder = PromptBuilder(tok, prepared.dataset, cfg.prompt, 8, 5, k, False)
+    llm = load_llm(cfg.model, torch.device("cpu"), tok, seed=0)
+    mome = spae = None
+    if paradigm == "speeder":
+        torch.manual_seed(0)
+        mome = MoME(tiny_features(prepared), 64, k, 32, False, embedding_rms(llm))
+        spae = SPAE(64, 16)
+    if lora_b_noise:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for n, p in llm.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return cfg, prepared, builder, SpeederRecModel(llm, mome, spae)

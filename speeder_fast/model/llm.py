@@ -233,7 +233,10 @@ class SpeederRecModel(nn.Module):
             out = self.decoder(inputs_embeds=embeds, use_cache=False, **batch.packed.model_kwargs())
         else:
             embeds = self.input_embeds(batch)
-            out = self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+            # right padding: real tokens never see padding under a plain causal mask, and only real
+            # positions are read (answer / loss rows), so no padding mask is needed
+            mask = None if batch.right_padded else batch.attention_mask
+            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def flat_rows(self, batch: PromptBatch, padded_flat: torch.Tensor, packed: bool) -> torch.Tensor:

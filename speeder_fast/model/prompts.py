@@ -78,13 +78,17 @@ class PromptBatch:
     # padding-free form built on the host at build time (extras: input_ids is the packed row;
     # extras = (slot_item, slot_abs, slot_rel)); used by SpeederRecModel when packing is on
     packed: PackedBatch | None = None
+    # True for right-padded batches (training / scoring): every real token precedes the padding, so
+    # causal attention without a padding mask is exact at every real position (lets SDPA pick its
+    # fused causal kernel instead of materialising an [L, L] mask); False for left-padded generation.
+    right_padded: bool = True
 
     def to(self, device: torch.device | str) -> "PromptBatch":
         """Move every tensor (and the packed form) to ``device`` (non-blocking)."""
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = None if v is None else v.to(device, non_blocking=True)
+            kw[f.name] = v.to(device, non_blocking=True) if hasattr(v, "to") else v
         return PromptBatch(**kw)
 
     def with_packed(self) -> "PromptBatch":
@@ -447,6 +451,7 @@ class PromptBuilder:
             history_lengths=t(np.minimum(lengths, self.max_history)),
             packed=pack_numpy(np.asarray([len(r) for r in rows_ids], np.int64), L, padding_side,
                               input_ids, slot_item, s_abs, s_rel),
+            right_padded=padding_side == "right",
         )
 
     def render(self, batch: PromptBatch, b: int = 0) -> str:
