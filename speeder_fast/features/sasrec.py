@@ -370,7 +370,7 @@ def train_sasrec(prepared: PreparedData, cfg: SASRecConfig | None = None, device
             loss_sum += loss.detach()
             bar.update(1)
             if progress and bi % 50 == 0:  # occasional host sync for the bar only
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}")
         epoch_times.append(time.perf_counter() - t0)
         epoch_cpu.append(time.process_time() - c0)
         val = evaluate(model, valid_es, device, cfg.eval_batch_size, cfg.exclude_history, with_history_variant=False)
