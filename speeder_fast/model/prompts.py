@@ -280,6 +280,72 @@ class PromptBuilder:
             ids = ids[: ids.index(self.eos_id)]
         return self.tok.decode(ids, skip_special_tokens=True).strip()
 
+    # ----------------------------------------------------------------- lengths without building
+    def _length_tables(self) -> dict[str, np.ndarray | int]:
+        """Token counts of every cached piece (computed once, then reused by :meth:`prompt_lengths`)."""
+        cache = getattr(self, "_len_tables", None)
+        if cache is None:
+            title = np.fromiter((len(x) for x in self.title_ids), np.int64, len(self.title_ids))
+            hist_text = title if self.verbose_ids is None else np.fromiter(
+                (len(x) for x in self.verbose_ids), np.int64, len(self.verbose_ids))
+            hist_pre = np.fromiter((len(x) for x in self.hist_pre_ids), np.int64, len(self.hist_pre_ids))
+            cache = {
+                "title": title,
+                "hist_text": hist_text,
+                # fixed text of a prompt: header, candidates header, candidate line frames, answer prefix
+                "fixed": len(self.head_ids) + len(self.cand_head_ids) + len(self.answer_prefix_ids)
+                + sum(len(a) + len(b) for a, b in zip(self.cand_line_pre, self.cand_line_post)),
+                "hist_pre_cum": np.concatenate([[0], np.cumsum(hist_pre)]).astype(np.int64),  # [max_history + 1]
+                "hist_post": len(self.hist_post_ids),
+            }
+            self._len_tables = cache
+        return cache
+
+    def prompt_lengths(
+        self,
+        histories: np.ndarray,
+        lengths: np.ndarray,
+        candidates: np.ndarray,
+        with_answer: bool = True,
+        text_only: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Exact token count of every prompt, computed from cached piece lengths (no tensors built).
+
+        Equals ``build(histories, lengths, candidates, targets, with_answer, text_only).attention_mask.sum(1)``
+        (vectorised numpy, cheap enough for a whole epoch). The answer is one label token in
+        ``score`` mode (any target); in ``generate`` mode it is the target's title plus eos, so
+        ``with_answer=True`` needs ``targets`` there. Returns int64 ``[B]``.
+        """
+        histories = np.asarray(histories, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        if candidates.ndim != 2 or candidates.shape[1] != self.n_candidates:
+            raise ValueError(f"candidates have shape {candidates.shape}, the builder was made for "
+                             f"{self.n_candidates} columns")
+        B = candidates.shape[0]
+        tab = self._length_tables()
+        soft = np.zeros(B, dtype=bool)
+        if self.paradigm == "speeder":
+            soft = np.ones(B, dtype=bool) if text_only is None else ~np.asarray(text_only, dtype=bool)
+        n_hist = np.minimum(lengths, self.max_history)
+        # history window histories[b, lengths[b] - n_hist[b] : lengths[b]]
+        col = np.arange(histories.shape[1], dtype=np.int64)[None, :]
+        in_win = (col >= (lengths - n_hist)[:, None]) & (col < lengths[:, None])
+        hist_item = np.where(in_win, tab["hist_text"][np.clip(histories, 0, None)], 0).sum(1)
+        cand_item = tab["title"][candidates].sum(1)
+        out = (tab["fixed"] + tab["hist_pre_cum"][n_hist] + n_hist * tab["hist_post"]
+               + np.where(soft, n_hist * self.k, hist_item) + np.where(soft, self.n_candidates * self.k, cand_item))
+        if with_answer:
+            if self.answer_mode == "score":
+                out = out + 1
+            else:
+                if targets is None:
+                    raise ValueError("prompt_lengths: generate mode with with_answer=True needs targets "
+                                     "(the answer is the target's title)")
+                out = out + tab["title"][np.asarray(targets, dtype=np.int64)] + 1
+        return out.astype(np.int64)
+
     # ----------------------------------------------------------------- batch assembly
     def build(
         self,
