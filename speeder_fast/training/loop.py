@@ -41,8 +41,8 @@ import torch
 
 from speeder_fast.checkpoint import CheckpointManager, TrainState, capture_rng, mark_finished, restore_rng
 from speeder_fast.config import Config, StageConfig, to_toml
-from speeder_fast.distributed import (ShardedSampler, all_reduce_mean, barrier, broadcast_object, gather_objects,
-                                      init_distributed)
+from speeder_fast.distributed import (ShardedSampler, all_reduce_mean, all_reduce_sum, barrier, broadcast_object,
+                                      gather_objects, init_distributed)
 from speeder_fast.errors import CheckpointError, NonFiniteLossError, NonFiniteMonitor
 from speeder_fast.utils import get_logger, seed_everything
 
@@ -117,32 +117,170 @@ class TrainResult:
     steps: int
 
 
+def plan_token_batches(order: np.ndarray, lengths: np.ndarray, max_tokens: int, world_size: int = 1,
+                       padded: bool = False) -> tuple[list[np.ndarray], int]:
+    """Cut ``order`` (an epoch permutation) greedily into consecutive global batches by tokens.
+
+    A global batch is dealt to ranks as ``glob[r::world_size]``. It is closed before the next
+    example when adding it would make some rank's micro-batch cost more than ``max_tokens`` or the
+    global batch cost more than ``world_size * max_tokens``. Cost: ``sum(lengths)`` (``padded=False``,
+    packed batches) or ``n * max(lengths)`` (``padded=True``, what a padded batch computes). An
+    example longer than ``max_tokens`` gets a global batch of its own.
+
+    Args:
+        order: dataset indices in epoch order.
+        lengths: token count of every dataset example (indexed by dataset index).
+        max_tokens: per-process budget (> 0).
+        world_size: number of processes.
+        padded: padded cost instead of the packed one.
+
+    Returns:
+        ``(batches, n_oversize)``: the global batches (int64 arrays of dataset indices, in order,
+        together exactly ``order``) and the number of examples longer than ``max_tokens``.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"train.max_tokens_per_batch must be > 0 for a token plan, got {max_tokens}")
+    order = np.asarray(order, dtype=np.int64)
+    lens = np.asarray(lengths, dtype=np.int64)[order].tolist()
+    world, budget = int(world_size), int(max_tokens)
+    g_budget = world * budget
+    cuts = [0]
+    n_over = 0
+    r_sum, r_n, r_max = [0] * world, [0] * world, [0] * world
+    g_n = g_sum = g_max = 0
+    for i, n in enumerate(lens):  # host-side, once per epoch
+        if n > budget:
+            n_over += 1
+            if g_n:
+                cuts.append(i)
+            cuts.append(i + 1)  # alone
+            r_sum, r_n, r_max = [0] * world, [0] * world, [0] * world
+            g_n = g_sum = g_max = 0
+            continue
+        r = g_n % world
+        if g_n:
+            if padded:
+                fits = ((r_n[r] + 1) * max(r_max[r], n) <= budget and (g_n + 1) * max(g_max, n) <= g_budget)
+            else:
+                fits = r_sum[r] + n <= budget and g_sum + n <= g_budget
+            if not fits:
+                cuts.append(i)
+                r_sum, r_n, r_max = [0] * world, [0] * world, [0] * world
+                g_n = g_sum = g_max = 0
+                r = 0
+        r_sum[r] += n
+        r_n[r] += 1
+        r_max[r] = max(r_max[r], n)
+        g_n += 1
+        g_sum += n
+        g_max = max(g_max, n)
+    if cuts[-1] != len(lens):
+        cuts.append(len(lens))
+    return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:])], n_over
+
+
 class MicroBatches:
     """Endless stream of this rank's training micro-batches.
 
-    Each micro-batch is this rank's part of one global batch of ``world_size * batch_size`` examples
-    of a seeded epoch permutation (:class:`ShardedSampler`), so N processes see exactly the examples
-    one process with the global batch would. Candidates are re-sampled every epoch. The curriculum's
-    text-only draw is a function of ``(seed, epoch, global batch)`` over the global batch, so it does
-    not depend on the number of processes either. :meth:`position`/:meth:`seek` save/restore where
-    the stream is (checkpoints).
+    Each micro-batch is this rank's part of one global batch of a seeded epoch permutation, so N
+    processes see exactly the examples one process with the global batch would. Global batches hold
+    ``world_size * batch_size`` examples (:class:`ShardedSampler`), or, with ``max_tokens > 0``
+    (``train.max_tokens_per_batch``), as many consecutive examples of the same permutation as fit the
+    token budget (:func:`plan_token_batches`; prompt lengths from
+    :meth:`~speeder_fast.model.prompts.PromptBuilder.prompt_lengths`, packed cost when the model
+    packs, padded cost otherwise). Candidates are re-sampled every epoch, so a token plan is a
+    function of ``(seed, epoch, candidates, world_size, budget)``. The curriculum's text-only draw is
+    a function of ``(seed, epoch, global batch)`` over the global batch, so it does not depend on the
+    number of processes either. :meth:`position`/:meth:`seek` save/restore where the stream is
+    (checkpoints).
+
+    ``curriculum``: some stage mixes text-only prompts in (``hybrid_share < 1``); a token plan then
+    costs every example at the longer of its soft-token and text-only prompt, so the budget holds
+    whichever form the draw picks.
     """
 
-    def __init__(self, comp: Components, batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
+    def __init__(self, comp: Components, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                 max_tokens: int = 0, curriculum: bool = False) -> None:
+        if max_tokens < 0:
+            raise ValueError(f"train.max_tokens_per_batch must be >= 0, got {max_tokens}")
         self.comp = comp
         self.seed = seed
         self.world_size, self.rank = world_size, rank
+        self.max_tokens = int(max_tokens)
+        self.curriculum = bool(curriculum)
         self.sampler = ShardedSampler(len(comp.prepared.train), world_size, rank, shuffle=True, seed=seed,
                                       batch_size=batch_size)
         self.epoch = -1
         self.step_in_epoch = 0
         self.cands: np.ndarray | None = None
+        self.last_n_global = 0  # real examples in the global batch of the last micro-batch
+        self.last_indices = np.zeros(0, np.int64)  # training-set rows of the last micro-batch (padding included)
         self._it = None
+        self._plans: dict[int, list[np.ndarray]] = {}
+        self._warned_oversize = False
+        self._warned_share = False
+
+    @property
+    def padded_cost(self) -> bool:
+        """True when batches run padded (cost ``n * max_len``), False when the model packs them."""
+        return not bool(getattr(self.comp.model, "packing", False))
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global batches per epoch."""
-        return self.sampler.num_steps
+        """Global batches in the current epoch (epoch 0 before the stream starts)."""
+        if self.max_tokens <= 0:
+            return self.sampler.num_steps
+        return len(self.plan(max(self.epoch, 0)))
+
+    def _candidates(self, epoch: int) -> np.ndarray:
+        from speeder_fast.data import sample_train_candidates
+
+        return sample_train_candidates(self.comp.prepared, epoch, self.comp.cfg.data.n_candidates,
+                                       self.comp.cfg.data.seed)
+
+    def plan(self, epoch: int, cands: np.ndarray | None = None) -> list[np.ndarray]:
+        """The token-budget global batches of ``epoch`` (cached; only with ``max_tokens > 0``)."""
+        if self.max_tokens <= 0:
+            raise RuntimeError("MicroBatches.plan: no token budget (max_tokens = 0)")
+        if epoch in self._plans:
+            return self._plans[epoch]
+        if cands is None:
+            cands = self.cands if (epoch == self.epoch and self.cands is not None) else self._candidates(epoch)
+        tr, b = self.comp.prepared.train, self.comp.builder
+        lengths = b.prompt_lengths(tr.histories, tr.lengths, cands, with_answer=True, targets=tr.targets)
+        if self.curriculum and b.paradigm == "speeder":
+            text = b.prompt_lengths(tr.histories, tr.lengths, cands, with_answer=True, targets=tr.targets,
+                                    text_only=np.ones(len(tr), dtype=bool))
+            lengths = np.maximum(lengths, text)
+        sampler = ShardedSampler(len(tr), self.world_size, self.rank, shuffle=True, seed=self.seed, epoch=epoch)
+        batches, n_over = plan_token_batches(sampler.permutation(), lengths, self.max_tokens, self.world_size,
+                                             padded=self.padded_cost)
+        if n_over and not self._warned_oversize:
+            self._warned_oversize = True
+            log.warning("train.max_tokens_per_batch=%d: %d example(s) of epoch %d are longer (up to %d tokens); "
+                        "each runs in a batch of its own", self.max_tokens, n_over, epoch, int(lengths.max()))
+        for e in [e for e in self._plans if e < self.epoch]:  # keep the cache small (past epochs)
+            del self._plans[e]
+        self._plans[epoch] = batches
+        return batches
+
+    def micro_batches_ahead(self, epochs: float) -> int:
+        """Micro-batches in the next ``epochs`` epochs of the stream from its current position
+        (a fraction of an epoch counts that fraction of the epoch's global batches, rounded up)."""
+        e, s = self.epoch, self.step_in_epoch
+        if e < 0 or s >= self.steps_per_epoch:
+            e, s = e + 1, 0
+        left, count = float(epochs), 0
+        while left > 1e-12:
+            n = len(self.plan(e)) if self.max_tokens > 0 else self.sampler.num_steps
+            avail = (n - s) / n
+            if left <= avail + 1e-12:
+                count += min(n - s, math.ceil(left * n - 1e-9))
+                break
+            count += n - s
+            left -= avail
+            e, s = e + 1, 0
+        return count
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
@@ -154,12 +292,22 @@ class MicroBatches:
             self._load_epoch(self.epoch)
 
     def _load_epoch(self, epoch: int) -> None:
-        from speeder_fast.data import sample_train_candidates
-
-        p = self.comp.prepared
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
-        self.cands = sample_train_candidates(p, epoch, self.comp.cfg.data.n_candidates, self.comp.cfg.data.seed)
+        self.cands = self._candidates(epoch)
+        if self.max_tokens > 0:
+            self.plan(epoch, self.cands)
+
+    def _token_batches(self, start_step: int):
+        """This rank's :class:`ShardBatch` parts of the epoch's token plan from ``start_step`` on."""
+        from speeder_fast.distributed import ShardBatch
+
+        for s, glob in enumerate(self.plan(self.epoch)[start_step:], start=start_step):
+            mine = glob[self.rank::self.world_size].tolist()
+            if mine:
+                yield ShardBatch(s, mine, [True] * len(mine), len(mine), len(glob), self.world_size)
+            else:  # fewer examples than ranks: a zero-weight padding example keeps DDP in step
+                yield ShardBatch(s, [int(glob[0])], [False], 0, len(glob), self.world_size)
 
     def next(self, hybrid_share: float = 1.0):
         """``(batch, weight)``: the prompt batch and the factor for its mean loss (``n_real *
@@ -169,13 +317,20 @@ class MicroBatches:
             self.step_in_epoch = 0
             self._it = None
         if self._it is None:
-            self._it = self.sampler.batches(self.step_in_epoch)
+            self._it = (self._token_batches(self.step_in_epoch) if self.max_tokens > 0
+                        else self.sampler.batches(self.step_in_epoch))
         sb = next(self._it)
         self.step_in_epoch = sb.step_in_epoch + 1
+        self.last_n_global = sb.n_global
         rows = np.asarray(sb.indices, dtype=np.int64)
+        self.last_indices = rows
         tr = self.comp.prepared.train
         text_only = None
         if hybrid_share < 1.0:
+            if self.max_tokens > 0 and not self.curriculum and not self._warned_share:
+                self._warned_share = True
+                log.warning("hybrid_share < 1 but the token plan was made without text-only lengths "
+                            "(curriculum=False): batches may exceed train.max_tokens_per_batch")
             draw = np.random.default_rng([self.seed, 1, self.epoch, sb.step_in_epoch]).random(sb.n_global)
             mine = draw[self.rank::self.world_size][: len(rows)]
             if len(mine) < len(rows):  # padding example
@@ -247,9 +402,15 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     if main:
         log.info("run %s: %d training examples, %d process(es), %d stage(s): %s", run_dir, n_train, world, len(stages),
                  [s.modalities or [cfg.prompt.paradigm] for s in stages])
-    stream = MicroBatches(comp, tc.batch_size, cfg.seed, world, rank)
-    micro_per_epoch = stream.steps_per_epoch
+    curriculum = cfg.prompt.paradigm == "speeder" and any(st.curriculum_ramp > 0 for st in stages)
+    stream = MicroBatches(comp, tc.batch_size, cfg.seed, world, rank, max_tokens=tc.max_tokens_per_batch,
+                          curriculum=curriculum)
+    micro_per_epoch = stream.steps_per_epoch  # token budget: epoch 0's plan (plans vary with the candidates)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
+    if main and tc.max_tokens_per_batch > 0:
+        log.info("token-budget micro-batches: <= %d prompt tokens per process (%s cost), epoch 0: %d global batches "
+                 "(%.1f examples each on average)", tc.max_tokens_per_batch,
+                 "padded" if stream.padded_cost else "packed", micro_per_epoch, n_train / max(1, micro_per_epoch))
     seen: set[str] = set()
     label_loss = cfg.prompt.answer_mode == "score" and tc.score_loss == "labels"
     global_step = 0
@@ -294,12 +455,14 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
                          global_step, start_stage + 1, start_step)
 
     opt: torch.optim.Optimizer | None = None
+    stage_total = 0  # optimizer steps of the current stage (saved: token plans make it position-dependent)
 
     def snapshot(si: int, step_in_stage: int, stage_done: bool, stage: StageConfig) -> TrainState:
         """This moment as a TrainState (collective: every rank contributes its RNG state)."""
         rng = gather_objects([capture_rng()])
         weights = {**model.trainable_state_dict(), **added_embedding_rows(comp)}
-        extra = {"step_in_stage": step_in_stage, "stage_done": stage_done, "best": best, "train_seconds": train_seconds,
+        extra = {"step_in_stage": step_in_stage, "stage_done": stage_done, "stage_total": stage_total,
+                 "best": best, "train_seconds": train_seconds,
                  "micro_done": micro_done, "active_modalities": list(stage.modalities), "world_size": world,
                  "last_valid": None if last_valid is None else
                  {k: v for k, v in last_valid.items() if not isinstance(v, (dict, list))}}
@@ -346,9 +509,20 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
                 DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
                 # find_unused_parameters: curriculum text-only batches leave MoME/SPAE without gradient
                 net = DDP(model, device_ids=None, find_unused_parameters=True, broadcast_buffers=False)
-            total = max(1, math.ceil(stage.epochs * steps_per_epoch))
+            if tc.max_tokens_per_batch > 0:
+                # token plans differ per epoch: count the real micro-batches of the stage's epochs from
+                # where the stream is at the stage start (a resumed stage reuses the saved count)
+                saved = rs.extra.get("stage_total") if (rs is not None and si - 1 == start_stage) else None
+                if saved is not None and first > 0:
+                    total = int(saved)
+                else:
+                    total = max(1, math.ceil(stream.micro_batches_ahead(stage.epochs) / tc.grad_accum))
+                steps_per_epoch = math.ceil(stream.steps_per_epoch / tc.grad_accum)
+            else:
+                total = max(1, math.ceil(stage.epochs * steps_per_epoch))
             if stage.max_steps > 0:
                 total = min(total, stage.max_steps)
+            stage_total = total
             n_params = sum(p.numel() for p in params)
             if main:
                 log.info("stage %d/%d %s: %d steps (%d per epoch), lr %.2g, %d trainable parameters", si, len(stages),
@@ -367,10 +541,12 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
                     g["lr"] = lr
                 t0 = time.perf_counter()
                 tokens = 0
+                examples = 0  # real examples of the step over all ranks (global batches vary with a token budget)
                 loss_acc = torch.zeros((), device=device)
                 for k in range(tc.grad_accum):
                     batch, weight = stream.next(share)
                     tokens += batch.n_tokens
+                    examples += stream.last_n_global
                     sync = contextlib.nullcontext() if (world == 1 or k == tc.grad_accum - 1) else net.no_sync()
                     with sync:
                         loss = net(batch.to(device), label_loss=label_loss) * (weight / tc.grad_accum)
@@ -389,9 +565,12 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
                 train_seconds += dt
                 if global_step % max(1, tc.log_every) == 0 or step == total - 1:
                     monitor.check()
+                    # every rank's own token count (ranks differ in tokens; collective on every rank alike)
+                    tokens_g = int(all_reduce_sum(float(tokens))) if world > 1 else tokens
                     rec = {"type": "train", "stage": si, "step": step + 1, "global_step": global_step,
                            "epoch": stream.epoch + stream.step_in_epoch / max(1, stream.steps_per_epoch),
-                           "loss": float(loss_g), "lr": lr, "tokens_per_s": tokens * world / dt, "hybrid_share": share,
+                           "loss": float(loss_g), "lr": lr, "tokens": tokens_g, "examples": examples,
+                           "tokens_per_s": tokens_g / dt, "hybrid_share": share,
                            "grad_norm": None if gnorm is None else float(gnorm)}
                     log_json(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{lr:.1e}")
@@ -427,7 +606,10 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
             metrics_f.close()
     model.set_stage(stages[-1].modalities)
     model.eval()
-    epochs_done = micro_done / micro_per_epoch
+    if tc.max_tokens_per_batch > 0:  # the stream's position in epochs (token plans differ in length per epoch)
+        epochs_done = max(0.0, stream.epoch + stream.step_in_epoch / max(1, stream.steps_per_epoch))
+    else:
+        epochs_done = micro_done / micro_per_epoch
     epoch_seconds = train_seconds / epochs_done if epochs_done else 0.0
     seconds = time.perf_counter() - t_start
     summary = {"train_seconds": train_seconds, "total_seconds": seconds, "epochs": epochs_done,
