@@ -22,9 +22,10 @@ cover the epoch. The last global batch may be short (``n % (world_size * batch_s
   shuffled); every batch is full.
 
 With gradient accumulation use the sum of ``n_global`` over the accumulated micro-batches as the
-denominator. When micro-batches are sized by tokens (``train.max_tokens_per_batch``) ranks build
-different numbers of micro-batches; agree on the count with :func:`all_reduce_max` and pad with
-zero-weight batches.
+denominator. When micro-batches are sized by tokens (``train.max_tokens_per_batch``) the epoch
+plan (``speeder_fast.training.loop.plan_token_batches``) is cut from the same permutation and
+lengths on every rank, so all ranks have the same number of steps by construction; a rank left
+without an example in a global batch gets one zero-weight padding example, as above.
 
 Evaluation uses :func:`shard_indices_for_eval` (contiguous shards, the first ``n % world`` ranks
 get one more) and :func:`gather_tensor`, which returns the concatenation in rank order, i.e. the
