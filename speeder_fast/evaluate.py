@@ -207,6 +207,33 @@ def sasrec_reference(run_dir: Path, prepared: PreparedData, split: str, max_exam
     return out
 
 
+def item_popularity(prepared: PreparedData) -> np.ndarray:
+    """float64 ``[n_items]``: how often each item occurs in the training part of the sequences (every
+    user's sequence without its last two events, the valid and test targets), so no target leaks."""
+    items, offsets = prepared.dataset.flat()
+    n_items = len(prepared.dataset.item_ids)
+    lens = np.diff(offsets)
+    pos = np.arange(len(items)) - np.repeat(offsets[:-1], lens)  # position within its user's sequence
+    train_part = pos < np.repeat(lens - 2, lens)
+    return np.bincount(items[train_part], minlength=n_items).astype(np.float64)
+
+
+def popularity_reference(prepared: PreparedData, split: str, max_examples: int, seed: int = 0) -> dict:
+    """Most-popular-first ranking of the same persisted candidates and examples (a non-personalised
+    floor: a recommender that does not beat it has learned nothing about the user). Ties are
+    pessimistic, like every other row."""
+    pop = item_popularity(prepared)
+    sa = prepared.split(split)
+    cands = prepared.candidates(split)
+    idx = select_examples(len(sa), max_examples, seed)
+    c = cands[idx]
+    cidx = torch.from_numpy((c == sa.targets[idx][:, None]).argmax(1))
+    r = rank_of_target(torch.from_numpy(pop[c]), cidx, check=False).numpy()
+    out = summarize(r == 0, np.ones(len(r), bool), r)
+    out.update(split=split, mode="popularity")
+    return out
+
+
 # ---------------------------------------------------------------------------------- tables
 COLUMNS = ("VHR@1", "ValidRatio", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 
@@ -240,18 +267,20 @@ def format_buckets(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str) -> str:
-    """Write ``eval_<split>_<mode>.json`` and ``.md``; return the markdown."""
+def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str, popularity: dict | None = None) -> str:
+    """Write ``eval_<split>_<mode>.json`` and ``.md``; return the markdown. ``sasrec`` and
+    ``popularity`` are the reference rows on the same candidates (None: n/a / left out)."""
     split, mode = result["split"], result["mode"]
     md = (
         f"## {label}: {split} split, {mode} mode, {result['n']} examples, {result['n_candidates']} candidates "
         f"(random HR@1 = {result['random_hr1']:.4f})\n\n"
-        + format_table([(label, result), ("SASRec (same candidates)", sasrec)])
+        + format_table([(label, result), ("SASRec (same candidates)", sasrec)]
+                       + ([("Popularity (training counts, same candidates)", popularity)] if popularity else []))
         + "\n\nBy history length:\n\n"
         + format_buckets(result)
         + "\n"
     )
-    atomic_write_json(Path(run_dir) / f"eval_{split}_{mode}.json", {"result": result, "sasrec": sasrec})
+    atomic_write_json(Path(run_dir) / f"eval_{split}_{mode}.json", {"result": result, "sasrec": sasrec, "popularity": popularity})
     atomic_write_text(Path(run_dir) / f"eval_{split}_{mode}.md", md)
     return md
 
@@ -281,10 +310,19 @@ def evaluate_run(
         cfg.eval.generate_max_tokens, comp.device, seed=cfg.seed, progress=progress,
     )
     result["checkpoint"] = checkpoint
-    sas = sasrec_reference(Path(run_dir), comp.prepared, split, n_max, seed=cfg.seed)
-    label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
-    md = write_report(Path(run_dir), result, sas, label)
+    sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max)
     return result, sas, md
+
+
+def report_with_references(run_dir: Path, cfg: Any, prepared: PreparedData, result: dict, max_examples: int
+                           ) -> tuple[dict | None, str]:
+    """SASRec and popularity rows on the result's split/examples, written with :func:`write_report`;
+    returns ``(sasrec, markdown)``."""
+    split = result["split"]
+    sas = sasrec_reference(Path(run_dir), prepared, split, max_examples, seed=cfg.seed)
+    pop = popularity_reference(prepared, split, max_examples, seed=cfg.seed)
+    label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
+    return sas, write_report(Path(run_dir), result, sas, label, pop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         print(format_stats(compute_stats(prepared)))
         return 0
 
-    from speeder_fast.evaluate import sasrec_reference, write_report, evaluate_split
+    from speeder_fast.evaluate import evaluate_split, report_with_references
     from speeder_fast.training import train
 
     if rank0:
@@ -203,9 +203,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                                 seed=cfg.seed, progress=not args.no_progress)
         result["checkpoint"] = "final"
         if rank0:
-            sas = sasrec_reference(res.run_dir, comp.prepared, cfg.eval.split, cfg.eval.max_examples, seed=cfg.seed)
-            label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
-            print(write_report(res.run_dir, result, sas, label))
+            print(report_with_references(res.run_dir, cfg, comp.prepared, result, cfg.eval.max_examples)[1])
     if rank0:
         print(f"total {time.perf_counter() - t0:.1f} s; run folder: {res.run_dir.resolve()}")
     return 0

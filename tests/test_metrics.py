@@ -73,3 +73,29 @@ def test_candidate_style_use():
     ranks = rank_of_target(scores, torch.tensor([1, 0]))
     assert ranks.tolist() == [0, 1]
     assert hit_rate(ranks, 1) == 0.5
+
+
+def test_popularity_reference_hand_computed():
+    """Popularity counts only the training part (no valid/test target leaks) and ranks the persisted
+    candidates with pessimistic ties."""
+    import numpy as np
+
+    from speeder_fast.data.dataset import PreparedData, RecDataset, SplitArrays
+    from speeder_fast.evaluate import item_popularity, popularity_reference
+
+    # user 0: train [0, 0, 1], valid 2, test 3; user 1: train [0, 1], valid 3, test 2
+    seqs = [np.array([0, 0, 1, 2, 3]), np.array([0, 1, 3, 2])]
+    ds = RecDataset(name="hand", user_ids=["a", "b"], item_ids=["0", "1", "2", "3", "4"], sequences=seqs, item_text={})
+    pop = item_popularity(PreparedData(ds, None, None, None, None, None))
+    assert pop.tolist() == [3, 2, 0, 0, 0]  # items 2 and 3 occur only as valid/test targets
+
+    hist = np.array([[0, 0, 1, 2], [0, 1, 3, -1]])
+    test = SplitArrays(np.array([0, 1]), hist, np.array([4, 3]), np.array([3, 2]))
+    # user 0: target 3 (count 0) vs 0 (3) and 4 (0): rank 2 (tie with 4 is pessimistic)
+    # user 1: target 2 (count 0) vs 1 (2) and 4 (0, tie): rank 2
+    test_c = np.array([[3, 0, 4], [1, 2, 4]])
+    prepared = PreparedData(ds, None, None, test, None, test_c)
+    out = popularity_reference(prepared, "test", 0)
+    assert out["n"] == 2 and out["HR@1"] == 0.0 and out["mode"] == "popularity"
+    assert out["HR@5"] == 1.0
+    assert abs(out["NDCG@5"] - 0.5) < 1e-9  # 1/log2(2+2) = 0.5 for both

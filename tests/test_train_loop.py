@@ -106,6 +106,8 @@ def test_speeder_run_trains_checkpoints_and_reloads(llm_dir, tmp_path, cache):
     assert result["ValidRatio"] == 1.0 and result["n"] == 16
     assert sas is not None and sas["n"] == 16 and 0.0 <= sas["HR@1"] <= 1.0
     assert "SASRec" in md and (d / "eval_test_score.json").is_file() and (d / "eval_test_score.md").is_file()
+    saved = json.loads((d / "eval_test_score.json").read_text())
+    assert "Popularity" in md and saved["popularity"]["n"] == 16
 
 
 def test_stage_freezing_and_lora_flags(llm_dir, tmp_path, cache):
