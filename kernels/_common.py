@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -130,3 +130,17 @@ def compiled_metadata(compiled: Any) -> dict[str, Any]:
         "num_warps": _get(md, "num_warps"),
         "num_stages": _get(md, "num_stages"),
     }
+
+
+def eager_or_op(op_name: str, eager: Callable[..., Any]) -> Callable[..., Any]:
+    """A launcher that calls ``eager`` (the Triton launcher) directly in eager mode, where custom-op
+    dispatch would only add host time, and the registered opaque custom op
+    ``torch.ops.speeder_fast.<op_name>`` while ``torch.compile`` traces."""
+
+    def launch(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.speeder_fast, op_name)(*args)
+        return eager(*args)
+
+    launch.__name__ = f"launch_{op_name}"
+    return launch

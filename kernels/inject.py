@@ -34,7 +34,7 @@ launchers run as opaque custom ops with fake implementations.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -43,6 +43,7 @@ from ._common import (
     alloc,
     check_float_dtype,
     check_triton_device,
+    eager_or_op,
     next_pow2,
     record_launch,
     tl,
@@ -407,23 +408,9 @@ def inject_positions_bwd_triton(
     return out
 
 
-def _launch_fwd(*args: Any) -> torch.Tensor:
-    # eager: call the launcher directly (custom-op dispatch costs host time); compiled: opaque op
-    if torch.compiler.is_compiling():
-        return torch.ops.speeder_fast.inject_positions_fwd(*args)
-    return inject_positions_fwd_triton(*args)
-
-
-def _launch_bwd(*args: Any) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.speeder_fast.inject_positions_bwd(*args)
-    return inject_positions_bwd_triton(*args)
-
-
-def _launch_segsum(*args: Any) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.speeder_fast.segment_sum(*args)
-    return segment_sum_triton(*args)
+_launch_fwd = eager_or_op("inject_positions_fwd", inject_positions_fwd_triton)
+_launch_bwd = eager_or_op("inject_positions_bwd", inject_positions_bwd_triton)
+_launch_segsum = eager_or_op("segment_sum", segment_sum_triton)
 
 
 # ----------------------------------------------------------------------------------------------

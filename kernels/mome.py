@@ -30,8 +30,6 @@ time); :class:`MomeCombineFunction` supplies the autograd rule.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +38,7 @@ from ._common import (
     alloc,
     check_float_dtype,
     check_triton_device,
+    eager_or_op,
     next_pow2,
     persistent_programs,
     record_launch,
@@ -393,17 +392,8 @@ def mome_combine_bwd_triton(
     return dx, dlogit, dwb_part.sum(1).to(ln_weight.dtype)
 
 
-def _launch_fwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    # eager: call the launcher directly (custom-op dispatch costs host time); compiled: opaque op
-    if torch.compiler.is_compiling():
-        return torch.ops.speeder_fast.mome_combine_fwd(*args)
-    return mome_combine_fwd_triton(*args)
-
-
-def _launch_bwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling():
-        return torch.ops.speeder_fast.mome_combine_bwd(*args)
-    return mome_combine_bwd_triton(*args)
+_launch_fwd = eager_or_op("mome_combine_fwd", mome_combine_fwd_triton)
+_launch_bwd = eager_or_op("mome_combine_bwd", mome_combine_bwd_triton)
 
 
 # ----------------------------------------------------------------------------------------------
