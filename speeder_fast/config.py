@@ -125,6 +125,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.05, "linear warmup fraction of each stage")
     grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
+    adapter_lr_scale: float = _f(1.0, "learning-rate multiplier for the MoME and SPAE parameters (LoRA keeps the "
+                                      "stage lr); projector-style modules trained from scratch often want 5-10")
     eval_every: int = _f(0, "evaluate on validation every N steps (0 = at stage ends)")
     eval_max_examples: int = _f(200, "validation examples used for periodic evaluation (0 = all)")
     checkpoint_every: int = _f(0, "checkpoint every N steps (0 = stage ends only)")
@@ -357,6 +359,8 @@ def validate(cfg: Config) -> None:
         errs.append(f"train.warmup_ratio must be in [0, 1], got {tc.warmup_ratio}")
     if not tc.grad_clip >= 0 or not tc.weight_decay >= 0:
         errs.append("train.grad_clip and train.weight_decay must be >= 0")
+    if not tc.adapter_lr_scale > 0:
+        errs.append(f"train.adapter_lr_scale must be > 0, got {tc.adapter_lr_scale}")
     if tc.packing not in ("auto", "on", "off"):
         errs.append(f"train.packing: {tc.packing!r} is not auto, on or off")
     if cfg.model.lora_r < 0:

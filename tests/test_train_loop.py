@@ -165,3 +165,43 @@ def test_cli_help_config_and_presets(capsys):
     cfg = resolve_config(build_parser().parse_args(["--preset", "none", "--paradigm", "titles", "--set", "train.batch_size=3"]))
     assert cfg.data.max_users == 0 and cfg.prompt.paradigm == "titles" and cfg.train.batch_size == 3
     assert main(["--set", "nope.x=1"]) == 2
+
+
+def test_adapter_lr_scale_groups_and_run(llm_dir, tmp_path, cache):
+    """train.adapter_lr_scale puts MoME/SPAE in their own AdamW group at scale x the stage lr; 1.0
+    keeps one group (old checkpoints' optimizer state still loads); a run with a scale trains."""
+    from speeder_fast.config import ConfigError, validate
+    from speeder_fast.training.loop import param_groups, set_trainable
+    from speeder_fast.training.run import build_components
+
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    comp = build_components(cfg, run_dir=tmp_path / "feat", progress=False, prepared=prepared)
+    comp.model.set_stage(["text", "collab"])
+    params = set_trainable(comp, StageConfig(modalities=["text", "collab"]), set())
+    assert len(param_groups(comp, params, 1.0)) == 1
+    lora, rest = param_groups(comp, params, 5.0)
+    names = {id(p): n for n, p in comp.model.named_parameters()}
+    assert lora["lr_scale"] == 1.0 and all("lora_" in names[id(p)] for p in lora["params"])
+    assert rest["lr_scale"] == 5.0 and all("lora_" not in names[id(p)] for p in rest["params"])
+    assert any(names[id(p)].startswith("mome.") for p in rest["params"])
+    assert any(names[id(p)].startswith("positions.") for p in rest["params"])
+    assert len(lora["params"]) + len(rest["params"]) == len(params)
+
+    cfg.train.adapter_lr_scale = 0.0
+    with pytest.raises(ConfigError, match="adapter_lr_scale"):
+        validate(cfg)
+    cfg.train.adapter_lr_scale = 5.0
+    cfg.train.eval_every = 0
+    cfg.train.grad_accum = 1
+    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=3, lr=3e-3)]
+    cfg.train.checkpoint_every = 2  # a mid-stage checkpoint keeps the optimizer state
+    cfg.train.keep_checkpoints = 5
+    res = train(cfg, progress=False, prepared=prepared)
+    recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lr2 = [r["lr"] for r in recs if r["type"] == "train" and r["global_step"] == 2][0]
+    from speeder_fast.checkpoint import load_checkpoint
+
+    groups = load_checkpoint(res.run_dir / "checkpoints" / "step-00000002").optimizer["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 5.0]
+    assert groups[0]["lr"] == pytest.approx(lr2) and groups[1]["lr"] == pytest.approx(5.0 * lr2)

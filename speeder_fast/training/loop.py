@@ -98,6 +98,18 @@ def set_trainable(comp: Components, stage: StageConfig, seen: set[str]) -> list[
     return params
 
 
+def param_groups(comp: Components, params: list[torch.nn.Parameter], adapter_lr_scale: float) -> list[dict]:
+    """AdamW parameter groups: one group (as before) when ``adapter_lr_scale == 1``; otherwise LoRA
+    parameters at the stage lr and the MoME/SPAE parameters at ``adapter_lr_scale`` x the stage lr
+    (each group carries its ``lr_scale``; the schedule multiplies by it). Empty groups are dropped."""
+    if adapter_lr_scale == 1.0:
+        return [{"params": params, "lr_scale": 1.0}]
+    lora = {id(p) for n, p in comp.model.llm.named_parameters() if "lora_" in n}
+    groups = [{"params": [p for p in params if id(p) in lora], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) not in lora], "lr_scale": float(adapter_lr_scale)}]
+    return [g for g in groups if g["params"]]
+
+
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float = 0.1) -> float:
     """Linear warmup to ``peak`` then cosine decay to ``min_ratio * peak`` (step is 0-based)."""
     warm = max(1, int(round(warmup_ratio * total)))
@@ -487,7 +499,8 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
             model.set_stage(stage.modalities)
             params = set_trainable(comp, stage, seen)
             seen.update(stage.modalities)
-            opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
+            opt = torch.optim.AdamW(param_groups(comp, params, tc.adapter_lr_scale), lr=stage.lr,
+                                    weight_decay=tc.weight_decay, betas=(0.9, 0.999))
             first = 0
             if rs is not None and si - 1 == start_stage:
                 first = start_step
@@ -538,7 +551,7 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
                     share = min(1.0, step / max(1.0, stage.curriculum_ramp * total))
                 lr = lr_at(step, total, stage.lr, tc.warmup_ratio)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 t0 = time.perf_counter()
                 tokens = 0
                 examples = 0  # real examples of the step over all ranks (global batches vary with a token budget)
