@@ -185,7 +185,7 @@ def sasrec_reference(run_dir: Path, prepared: PreparedData, split: str, max_exam
     seqs = prepared.dataset.sequences
     cut = 2 if split == "valid" else 1
     L = model.max_len
-    ranks = []
+    cand_scores = []  # SASRec scores of each example's candidates
     for s in range(0, len(idx), 512):
         rows = idx[s : s + 512]
         x = np.zeros((len(rows), L), np.int64)  # left-padded, ids shifted by +1 (0 = padding)
@@ -197,13 +197,17 @@ def sasrec_reference(run_dir: Path, prepared: PreparedData, split: str, max_exam
         with torch.no_grad():
             h = model(torch.from_numpy(x))[:, -1]
             scores = model.score_all(h).float()
-        c = torch.from_numpy(cands[rows])
-        tgt = torch.from_numpy(sa.targets[rows])
-        cidx = (c == tgt[:, None]).long().argmax(1)
-        ranks.append(rank_of_target(scores.gather(1, c), cidx, check=False).numpy())
-    r = np.concatenate(ranks)
+        cand_scores.append(scores.gather(1, torch.from_numpy(cands[rows])))
+    return _reference_row(torch.cat(cand_scores), cands[idx], sa.targets[idx], split, "sasrec")
+
+
+def _reference_row(cand_scores: torch.Tensor, cands: np.ndarray, targets: np.ndarray, split: str, mode: str) -> dict:
+    """Metrics of a reference ranker from its scores ``[n, N]`` of the candidates ``cands [n, N]``
+    (pessimistic ties), labelled with ``split`` and ``mode``."""
+    cidx = torch.from_numpy((cands == targets[:, None]).argmax(1))
+    r = rank_of_target(cand_scores, cidx, check=False).numpy()
     out = summarize(r == 0, np.ones(len(r), bool), r)
-    out.update(split=split, mode="sasrec")
+    out.update(split=split, mode=mode)
     return out
 
 
@@ -211,27 +215,20 @@ def item_popularity(prepared: PreparedData) -> np.ndarray:
     """float64 ``[n_items]``: how often each item occurs in the training part of the sequences (every
     user's sequence without its last two events, the valid and test targets), so no target leaks."""
     items, offsets = prepared.dataset.flat()
-    n_items = len(prepared.dataset.item_ids)
     lens = np.diff(offsets)
     pos = np.arange(len(items)) - np.repeat(offsets[:-1], lens)  # position within its user's sequence
     train_part = pos < np.repeat(lens - 2, lens)
-    return np.bincount(items[train_part], minlength=n_items).astype(np.float64)
+    return np.bincount(items[train_part], minlength=prepared.dataset.n_items).astype(np.float64)
 
 
 def popularity_reference(prepared: PreparedData, split: str, max_examples: int, seed: int = 0) -> dict:
     """Most-popular-first ranking of the same persisted candidates and examples (a non-personalised
     floor: a recommender that does not beat it has learned nothing about the user). Ties are
     pessimistic, like every other row."""
-    pop = item_popularity(prepared)
     sa = prepared.split(split)
-    cands = prepared.candidates(split)
     idx = select_examples(len(sa), max_examples, seed)
-    c = cands[idx]
-    cidx = torch.from_numpy((c == sa.targets[idx][:, None]).argmax(1))
-    r = rank_of_target(torch.from_numpy(pop[c]), cidx, check=False).numpy()
-    out = summarize(r == 0, np.ones(len(r), bool), r)
-    out.update(split=split, mode="popularity")
-    return out
+    c = prepared.candidates(split)[idx]
+    return _reference_row(torch.from_numpy(item_popularity(prepared)[c]), c, sa.targets[idx], split, "popularity")
 
 
 # ---------------------------------------------------------------------------------- tables

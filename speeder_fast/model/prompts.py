@@ -28,6 +28,7 @@ single token in the tokenizer, all labels fall back to added special tokens ``<|
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
@@ -281,25 +282,23 @@ class PromptBuilder:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
 
     # ----------------------------------------------------------------- lengths without building
+    @functools.cached_property
     def _length_tables(self) -> dict[str, np.ndarray | int]:
         """Token counts of every cached piece (computed once, then reused by :meth:`prompt_lengths`)."""
-        cache = getattr(self, "_len_tables", None)
-        if cache is None:
-            title = np.fromiter((len(x) for x in self.title_ids), np.int64, len(self.title_ids))
-            hist_text = title if self.verbose_ids is None else np.fromiter(
-                (len(x) for x in self.verbose_ids), np.int64, len(self.verbose_ids))
-            hist_pre = np.fromiter((len(x) for x in self.hist_pre_ids), np.int64, len(self.hist_pre_ids))
-            cache = {
-                "title": title,
-                "hist_text": hist_text,
-                # fixed text of a prompt: header, candidates header, candidate line frames, answer prefix
-                "fixed": len(self.head_ids) + len(self.cand_head_ids) + len(self.answer_prefix_ids)
-                + sum(len(a) + len(b) for a, b in zip(self.cand_line_pre, self.cand_line_post)),
-                "hist_pre_cum": np.concatenate([[0], np.cumsum(hist_pre)]).astype(np.int64),  # [max_history + 1]
-                "hist_post": len(self.hist_post_ids),
-            }
-            self._len_tables = cache
-        return cache
+
+        def lens(pieces: Sequence[np.ndarray]) -> np.ndarray:
+            return np.fromiter((len(x) for x in pieces), np.int64, len(pieces))
+
+        title = lens(self.title_ids)
+        return {
+            "title": title,
+            "hist_text": title if self.verbose_ids is None else lens(self.verbose_ids),
+            # fixed text of a prompt: header, candidates header, candidate line frames, answer prefix
+            "fixed": len(self.head_ids) + len(self.cand_head_ids) + len(self.answer_prefix_ids)
+            + sum(len(a) + len(b) for a, b in zip(self.cand_line_pre, self.cand_line_post)),
+            "hist_pre_cum": np.concatenate([[0], np.cumsum(lens(self.hist_pre_ids))]).astype(np.int64),  # [max_history + 1]
+            "hist_post": len(self.hist_post_ids),
+        }
 
     def prompt_lengths(
         self,
@@ -324,7 +323,7 @@ class PromptBuilder:
             raise ValueError(f"candidates have shape {candidates.shape}, the builder was made for "
                              f"{self.n_candidates} columns")
         B = candidates.shape[0]
-        tab = self._length_tables()
+        tab = self._length_tables
         soft = np.zeros(B, dtype=bool)
         if self.paradigm == "speeder":
             soft = np.ones(B, dtype=bool) if text_only is None else ~np.asarray(text_only, dtype=bool)

@@ -74,6 +74,11 @@ def resolve_stages(cfg: Config, available: list[str]) -> list[StageConfig]:
     return out
 
 
+def lora_parameters(comp: Components) -> list[torch.nn.Parameter]:
+    """The LLM's LoRA parameters (the only trainable part of the LLM)."""
+    return [p for n, p in comp.model.llm.named_parameters() if "lora_" in n]
+
+
 def set_trainable(comp: Components, stage: StageConfig, seen: set[str]) -> list[torch.nn.Parameter]:
     """Set ``requires_grad`` for this stage and return the parameters to optimize."""
     model = comp.model
@@ -81,7 +86,7 @@ def set_trainable(comp: Components, stage: StageConfig, seen: set[str]) -> list[
         p.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
     if stage.train_lora:
-        params += [p for n, p in model.llm.named_parameters() if "lora_" in n]
+        params += lora_parameters(comp)
     if model.mome is not None:
         new = [m for m in stage.modalities if m not in seen]
         old = [m for m in stage.modalities if m in seen]
@@ -104,7 +109,7 @@ def param_groups(comp: Components, params: list[torch.nn.Parameter], adapter_lr_
     (each group carries its ``lr_scale``; the schedule multiplies by it). Empty groups are dropped."""
     if adapter_lr_scale == 1.0:
         return [{"params": params, "lr_scale": 1.0}]
-    lora = {id(p) for n, p in comp.model.llm.named_parameters() if "lora_" in n}
+    lora = {id(p) for p in lora_parameters(comp)}
     groups = [{"params": [p for p in params if id(p) in lora], "lr_scale": 1.0},
               {"params": [p for p in params if id(p) not in lora], "lr_scale": float(adapter_lr_scale)}]
     return [g for g in groups if g["params"]]
