@@ -23,3 +23,19 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (see README: Data)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny BPE tokenizer of ``tests/tiny.py`` (one per test module)."""
+    import tiny
+
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """The tiny toy dataset of ``tests/tiny.py``: 8 candidates, history <= 5 (one per test module)."""
+    import tiny
+
+    return tiny.make_prepared(n_candidates=8, max_history=5)

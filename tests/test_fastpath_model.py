@@ -26,6 +26,16 @@ def _batch(prepared, builder, n=7, **kw):
     return builder.build(v.histories[:n], v.lengths[:n], prepared.valid_candidates[:n], v.targets[:n], **kw)
 
 
+def _scores_off_on(model, batch):
+    """``score(batch)`` with packing off, then on (no grad); the model is left with packing on."""
+    with torch.no_grad():
+        model.set_packing("off")
+        off = model.score(batch)
+        model.set_packing("on")
+        on = model.score(batch)
+    return off, on
+
+
 def _loss_and_grads(model, batch, label_loss):
     model.zero_grad(set_to_none=True)
     loss = model(batch, label_loss=label_loss)
@@ -59,11 +69,8 @@ def test_packing_on_equals_off(llm_dir, paradigm, mode):
             torch.testing.assert_close(g_on[n], g_off[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     model.eval()
     sbatch = _batch(prepared, builder, with_answer=False)
+    s_off, s_on = _scores_off_on(model, sbatch)
     with torch.no_grad():
-        model.set_packing("off")
-        s_off = model.score(sbatch)
-        model.set_packing("on")
-        s_on = model.score(sbatch)
         h = model.hidden_states(sbatch)
     assert h.shape[:2] == (1, int(sbatch.attention_mask.sum()))  # packed: real tokens only
     assert s_on.shape == (7, 8)
@@ -125,11 +132,7 @@ def test_hf_sdpa_packed_equals_padded(llm_dir):
     prepared, builder, model = _setup(llm_dir, paradigm="titles", attn_impl="sdpa")
     model.eval()
     b = _batch(prepared, builder, with_answer=False)
-    with torch.no_grad():
-        model.set_packing("off")
-        off = model.score(b)
-        model.set_packing("on")
-        on = model.score(b)
+    off, on = _scores_off_on(model, b)
     torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
 
 

@@ -8,16 +8,6 @@ from speeder_fast.config import PromptConfig
 from speeder_fast.model.prompts import PromptBuilder, ordinal_word
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    return tiny.make_prepared(n_candidates=8, max_history=5)
-
-
 def _build(tok, prepared, n=5, k=1, ordinal=False, **cfg):
     b = PromptBuilder(tok, prepared.dataset, PromptConfig(**cfg), 8, 5, n_item_tokens=k, ordinal_text=ordinal)
     v = prepared.valid

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny
-from speeder_fast.config import Config, StageConfig
+from speeder_fast.config import StageConfig
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +19,8 @@ def run(tmp_path_factory):
         mp.setenv("SPEEDER_CACHE", str(root / "cache"))
         llm_dir = tiny.make_llm_dir(root / "llm")
         prepared = tiny.make_prepared(n_candidates=8, max_history=5)
-        cfg = Config()
-        cfg.output_dir = str(root / "runs")
-        cfg.run_name = "rec"
-        cfg.device = "cpu"
-        cfg.model.llm = str(llm_dir)
-        cfg.model.lora_dropout = 0.0
-        cfg.model.n_item_tokens = 2
-        cfg.model.expert_hidden = 32
+        cfg = tiny.train_config(llm_dir, root / "runs", "rec")
         cfg.features.modalities = ["text"]
-        cfg.data.n_candidates = 8
-        cfg.data.max_history = 5
-        cfg.train.batch_size = 4
         cfg.train.eval_every = 0
         cfg.train.checkpoint_every = 0
         cfg.train.stages = [StageConfig(modalities=["text"], max_steps=2, lr=3e-3)]

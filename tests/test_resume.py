@@ -44,20 +44,14 @@ def write_atomic_dataset(folder: Path, n_users: int = 36, n_items: int = 50, see
 
 def tiny_config(llm_dir: Path, data_dir: Path, out: Path, run_name: str = "run", **train: object) -> Config:
     """A speeder (text + collab, two MPO stages) config small enough for a few seconds of CPU training."""
-    cfg = Config()
-    cfg.output_dir, cfg.run_name, cfg.device, cfg.seed = str(out), run_name, "cpu", 0
+    cfg = tiny.train_config(llm_dir, out, run_name)
+    cfg.seed = 0
     cfg.data.source = str(data_dir)
     cfg.data.user_kcore = 0
-    cfg.data.n_candidates = 8
-    cfg.data.max_history = 5
     cfg.data.cache_dir = str(out / "data-cache")
-    cfg.model.llm = str(llm_dir)
-    cfg.model.lora_dropout = 0.0
-    cfg.model.n_item_tokens = 2
-    cfg.model.expert_hidden = 32
     cfg.prompt.paradigm, cfg.prompt.answer_mode = "speeder", "score"
     cfg.features.sasrec_epochs, cfg.features.sasrec_dim = 2, 16
-    cfg.train.batch_size, cfg.train.grad_accum = 4, 1
+    cfg.train.grad_accum = 1
     cfg.train.log_every, cfg.train.eval_every, cfg.train.eval_max_examples = 1, 3, 8
     cfg.train.checkpoint_every, cfg.train.keep_checkpoints = 2, 2
     cfg.train.stages = [StageConfig(modalities=["text"], max_steps=5, lr=3e-3, curriculum_ramp=0.5),

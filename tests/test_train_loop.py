@@ -22,21 +22,11 @@ def cache(tmp_path, monkeypatch):
 
 
 def _cfg(llm_dir, out, paradigm="speeder", mode="score"):
-    cfg = Config()
-    cfg.output_dir = str(out)
-    cfg.run_name = f"{paradigm}-{mode}"
-    cfg.device = "cpu"
-    cfg.model.llm = str(llm_dir)
-    cfg.model.lora_dropout = 0.0
-    cfg.model.n_item_tokens = 2
-    cfg.model.expert_hidden = 32
+    cfg = tiny.train_config(llm_dir, out, f"{paradigm}-{mode}")
     cfg.prompt.paradigm = paradigm
     cfg.prompt.answer_mode = mode
-    cfg.data.n_candidates = 8
-    cfg.data.max_history = 5
     cfg.features.sasrec_epochs = 2
     cfg.features.sasrec_dim = 16
-    cfg.train.batch_size = 4
     cfg.train.grad_accum = 2
     cfg.train.log_every = 1
     cfg.train.eval_every = 3

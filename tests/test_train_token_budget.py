@@ -18,16 +18,6 @@ from speeder_fast.model.prompts import PromptBuilder
 from speeder_fast.training.loop import MicroBatches, plan_token_batches
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    return tiny.make_prepared(n_candidates=8, max_history=5)
-
-
 def _comp(tok, prepared, paradigm="speeder", mode="score", packing=False, k=2):
     """The parts of ``Components`` that :class:`MicroBatches` reads (no LLM needed for the stream)."""
     cfg = Config()
@@ -229,17 +219,11 @@ def test_train_run_with_token_budget(llm_dir, tmp_path, monkeypatch, prepared):
     from speeder_fast.training import train
 
     monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
-    cfg = Config()
-    cfg.output_dir, cfg.run_name, cfg.device = str(tmp_path), "tok", "cpu"
-    cfg.model.llm = str(llm_dir)
-    cfg.model.lora_dropout = 0.0
-    cfg.model.n_item_tokens = 2
-    cfg.model.expert_hidden = 32
+    cfg = tiny.train_config(llm_dir, tmp_path, "tok")
     cfg.prompt.paradigm, cfg.prompt.answer_mode = "speeder", "score"
-    cfg.data.n_candidates, cfg.data.max_history = 8, 5
     cfg.features.sasrec_epochs, cfg.features.sasrec_dim = 1, 16
     cfg.features.modalities = ["text"]
-    cfg.train.batch_size, cfg.train.grad_accum, cfg.train.log_every = 4, 1, 1
+    cfg.train.grad_accum, cfg.train.log_every = 1, 1
     cfg.train.max_tokens_per_batch = 2500
     cfg.train.eval_max_examples = 8
     cfg.train.stages = [StageConfig(modalities=["text"], epochs=1.0, lr=3e-3, curriculum_ramp=0.5)]

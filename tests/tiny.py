@@ -168,3 +168,20 @@ def make_rec_model(llm_dir, paradigm: str = "speeder", mode: str = "score", k: i
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return cfg, prepared, builder, SpeederRecModel(llm, mome, spae)
+
+
+def train_config(llm_dir, out, run_name: str = "run"):
+    """The settings every tiny training test shares: CPU, the tiny Llama in ``llm_dir`` with LoRA
+    dropout 0, k = 2 soft tokens, expert hidden 32, 8 candidates, history <= 5, batch 4, runs
+    under ``out``. Tests set the rest (stages, evaluation, checkpoints) themselves."""
+    from speeder_fast.config import Config
+
+    cfg = Config()
+    cfg.output_dir, cfg.run_name, cfg.device = str(out), run_name, "cpu"
+    cfg.model.llm = str(llm_dir)
+    cfg.model.lora_dropout = 0.0
+    cfg.model.n_item_tokens = 2
+    cfg.model.expert_hidden = 32
+    cfg.data.n_candidates, cfg.data.max_history = 8, 5
+    cfg.train.batch_size = 4
+    return cfg
