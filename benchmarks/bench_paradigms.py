@@ -12,6 +12,10 @@ What one measurement is (the code a training run / an evaluation runs, nothing r
   last MPO stage: LoRA + every MoME expert + gate/norm + SPAE for ``speeder``, LoRA only otherwise).
 * ``score``: build (no answer) -> ``SpeederRecModel.score`` under ``no_grad`` -> argmax (the
   ``speeder_fast.evaluate`` score path; MoME tokens come from the cached catalogue, as in eval).
+* ``score_compiled``: the same scoring through ``speeder_fast.model.static.StaticScorer`` (what
+  ``eval.compile`` selects): static ``[B, 64-multiple]`` shapes, ``torch.compile`` with
+  ``reduce-overhead`` on CUDA (CUDA graphs; compile + graph capture happen in the warm-up calls,
+  which are not timed), eager static shapes on CPU (``info["compile"]`` says which).
 * ``generate``: build left-padded -> ``SpeederRecModel.generate`` (greedy, LLaRA protocol,
   ``max_new_tokens`` capped) -> ``match_generated`` against the candidate titles.
 
@@ -562,6 +566,22 @@ class ParadigmRunner:
 
         model.eval()
         model.set_stage(self.modalities)
+        if phase == "score_compiled":
+            from speeder_fast.model.static import StaticScorer
+
+            mode = "reduce-overhead" if dev.type == "cuda" else "static"
+            scorer = StaticScorer(model, B, 64, mode, pad_id=builder.pad_id)
+            info["compile"] = mode
+            info["padded_len"] = int(math.ceil(info["padded_len"] / 64) * 64)
+
+            def fn() -> Any:
+                batch = builder.build(hist, lens, cands, None, with_answer=False)
+                pred = scorer(batch.to(dev)).argmax(1).cpu()
+                sync()
+                return pred
+
+            return fn, info
+
         if phase == "score":
             def fn() -> Any:
                 with torch.no_grad():
@@ -802,6 +822,7 @@ def plan_cases(device: torch.device | None = None, smoke: bool | None = None) ->
             for h in LONG_HISTORIES:
                 for p in ("speeder", "verbose"):
                     out.append((spec, Case(m, "score", p, 1, history=h, rounds=1, warmup=0)))
+            out.append((spec, Case(m, "score_compiled", "speeder", 2, rounds=1, warmup=1)))
             continue
         if spec.key == "smollm2-135m" and not cuda:
             # 2 shared CPU cores: small batches, few rounds (see benchmarks/RESULTS.md)
@@ -823,6 +844,11 @@ def plan_cases(device: torch.device | None = None, smoke: bool | None = None) ->
             for B in (1, 64):
                 for p in PARADIGMS:
                     out.append((spec, Case(m, "score", p, B, rounds=10 if B == 1 else 5, warmup=2)))
+            # static shapes + CUDA graphs (eval.compile=reduce-overhead); 3 warm-up calls: compile,
+            # cudagraph warm-up run, graph capture; then replays are timed
+            for B in (1, 64):
+                for p in (("speeder", "verbose") if B == 64 else ("speeder",)):
+                    out.append((spec, Case(m, "score_compiled", p, B, rounds=10 if B == 1 else 5, warmup=3)))
             for B in (1, 64):
                 for p in PARADIGMS:
                     out.append((spec, Case(m, "generate", p, B, rounds=3, warmup=1, max_new_tokens=32)))

@@ -21,6 +21,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: ``eval.compile`` values (see :mod:`speeder_fast.model.static`)
+COMPILE_MODES = ("off", "auto", "static", "default", "reduce-overhead", "max-autotune")
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
@@ -144,6 +147,11 @@ class EvalConfig:
     max_examples: int = _f(0, "evaluate at most N examples (0 = all)")
     batch_size: int = _f(16, "evaluation batch size")
     generate_max_tokens: int = _f(48, "generate mode: max new tokens")
+    compile: str = _f("off", "score mode on static shapes (speeder_fast.model.static): off | auto (reduce-overhead "
+                             "on CUDA, off on CPU) | static (padded shapes, eager) | default | reduce-overhead "
+                             "(CUDA graphs) | max-autotune (torch.compile modes)")
+    length_multiple: int = _f(64, "eval.compile != off: prompts are padded to a multiple of this many tokens "
+                                  "(one compiled graph per length bucket)")
 
 
 @dataclass
@@ -375,6 +383,10 @@ def validate(cfg: Config) -> None:
         errs.append(f"features.store_dtype: {cfg.features.store_dtype!r} is not float16 or float32")
     if cfg.eval.batch_size < 1 or cfg.eval.max_examples < 0:
         errs.append("eval.batch_size must be >= 1 and eval.max_examples >= 0")
+    if cfg.eval.compile not in COMPILE_MODES:
+        errs.append(f"eval.compile: {cfg.eval.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    if cfg.eval.length_multiple < 1:
+        errs.append("eval.length_multiple must be >= 1")
     if errs:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 

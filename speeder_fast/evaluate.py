@@ -2,6 +2,7 @@
 
     python -m speeder_fast.evaluate --run runs/DIR [--split test] [--mode score|generate]
                                     [--max-examples N] [--batch-size B] [--checkpoint final]
+                                    [--compile off|auto|static|default|reduce-overhead|max-autotune]
 
 Metrics (every example has ``N`` persisted candidates that contain the target once):
 
@@ -32,6 +33,7 @@ import torch
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
 from speeder_fast.metrics import hit_rate, ndcg, rank_of_target
+from speeder_fast.config import COMPILE_MODES
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("speeder_fast.evaluate")
@@ -83,8 +85,14 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    compile_mode: str = "off",
+    length_multiple: int = 64,
 ) -> dict[str, Any]:
     """Score or generate answers for ``split`` with ``model`` and return the metric dict.
+
+    ``compile_mode`` / ``length_multiple`` (config ``eval.compile`` / ``eval.length_multiple``):
+    score mode on static shapes through :class:`~speeder_fast.model.static.StaticScorer` (same
+    scores; compiled and, with ``reduce-overhead`` on CUDA, replayed as CUDA graphs).
 
     Under ``torchrun`` every rank must call it: each scores a contiguous shard of the selected
     examples (:func:`~speeder_fast.distributed.shard_indices_for_eval`) and the per-example results
@@ -104,8 +112,17 @@ def evaluate_split(
     if world > 1:
         shard = shard_indices_for_eval(len(idx), world, get_rank())
         idx = idx[shard.start:shard.stop]
+    from speeder_fast.model.static import StaticScorer, resolve_compile
+
     was_training = model.training
     model.eval()
+    score_fn = model.score
+    cmode = resolve_compile(compile_mode, device)
+    if cmode != "off":
+        if mode == "score":
+            score_fn = StaticScorer(model, batch_size, length_multiple, cmode, pad_id=builder.pad_id)
+        else:
+            log.info("eval.compile=%s applies to score mode only; generating eagerly", compile_mode)
     t0 = time.perf_counter()
     correct, valid, ranks, ptoks, hlen, texts = [], [], [], [], [], []
     bar = tqdm(range(0, len(idx), batch_size), desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)
@@ -120,7 +137,7 @@ def evaluate_split(
         tgt = batch.target_idx
         b = batch.to(device)
         if mode == "score":
-            scores = model.score(b).float().cpu()
+            scores = score_fn(b).float().cpu()
             r = rank_of_target(scores, tgt, check=False).numpy()
             ranks.append(r)
             correct.append(r == 0)
@@ -293,6 +310,7 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = True,
     prepared: PreparedData | None = None,
+    compile_mode: str | None = None,
 ) -> tuple[dict, dict | None, str]:
     """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown)."""
     from speeder_fast.training.run import load_run
@@ -305,6 +323,7 @@ def evaluate_run(
     result = evaluate_split(
         comp.model, comp.builder, comp.prepared, split, mode, n_max, batch_size or cfg.eval.batch_size,
         cfg.eval.generate_max_tokens, comp.device, seed=cfg.seed, progress=progress,
+        compile_mode=compile_mode or cfg.eval.compile, length_multiple=cfg.eval.length_multiple,
     )
     result["checkpoint"] = checkpoint
     sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max)
@@ -331,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--checkpoint", default="final", help="checkpoint folder name under RUN/checkpoints (final, best, stage1, ...)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's device setting)")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                    help="score mode on static shapes, compiled (reduce-overhead = CUDA graphs); "
+                         "default: eval.compile of the run (off unless set)")
     args = ap.parse_args(argv)
     if not Path(args.run).is_dir():
         print(f"error: run folder {args.run} does not exist", file=sys.stderr)
@@ -340,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
-                                args.device)
+                                args.device, compile_mode=args.compile)
     except (ConfigError, SpeederError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from speeder_fast.config import COMPILE_MODES
 from speeder_fast.utils import atomic_write_text, get_logger
 
 log = get_logger("speeder_fast.recommend")
@@ -115,8 +116,12 @@ def build_queries(comp: Any, users: list[tuple[int | None, str, int]], split: st
 @torch.no_grad()
 def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 5, split: str = "test",
               candidates: str = "persisted", n_unseen: int = 0, seed: int = 0, batch_size: int = 16,
-              progress: bool = True) -> Iterator[dict]:
-    """Yield one recommendation record per user (see the module docstring for the fields)."""
+              progress: bool = True, compile_mode: str = "off") -> Iterator[dict]:
+    """Yield one recommendation record per user (see the module docstring for the fields).
+
+    ``compile_mode`` (``eval.compile``): score on static shapes through
+    :class:`~speeder_fast.model.static.StaticScorer` (same ranking; CUDA graphs with reduce-overhead).
+    """
     from tqdm.auto import tqdm
 
     model, builder, ds = comp.model, comp.builder, comp.prepared.dataset
@@ -126,11 +131,17 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
     if comp.cfg.prompt.answer_mode == "generate":
         log.warning("this run was trained with answer_mode=generate: ranking by label-token logits, which it did not train")
     hist, lens, cands = build_queries(comp, users, split, candidates, n_unseen, seed)
+    from speeder_fast.model.static import StaticScorer, resolve_compile
+
     model.eval()
+    score_fn = model.score
+    cmode = resolve_compile(compile_mode, comp.device)
+    if cmode != "off":
+        score_fn = StaticScorer(model, batch_size, comp.cfg.eval.length_multiple, cmode, pad_id=builder.pad_id)
     for s in tqdm(range(0, len(users), batch_size), desc="recommend", unit="batch", disable=not progress, leave=False):
         sl = slice(s, s + batch_size)
         batch = builder.build(hist[sl], lens[sl], cands[sl], None, with_answer=False)
-        scores = model.score(batch.to(comp.device)).float().cpu()
+        scores = score_fn(batch.to(comp.device)).float().cpu()
         probs = scores.softmax(1)
         top = scores.topk(top_k, dim=1)
         for j, (no, uid, u) in enumerate(users[sl]):
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="users per forward (default: eval.batch_size)")
     ap.add_argument("--checkpoint", default="final")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's device setting)")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                    help="score on static shapes, compiled (reduce-overhead = CUDA graphs, pays for many "
+                         "batches of one shape); default: eval.compile of the run (off unless set)")
     args = ap.parse_args(argv)
 
     mode = args.candidates[0]
@@ -180,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             users = read_users(args.users, {u: i for i, u in enumerate(ds.user_ids)})
         records = list(recommend(comp, users, args.top_k, args.split, mode, n_unseen, args.seed,
-                                 args.batch_size or comp.cfg.eval.batch_size))
+                                 args.batch_size or comp.cfg.eval.batch_size,
+                                 compile_mode=args.compile or comp.cfg.eval.compile))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

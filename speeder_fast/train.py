@@ -200,7 +200,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     if not args.no_eval:
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,
                                 cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.generate_max_tokens, comp.device,
-                                seed=cfg.seed, progress=not args.no_progress)
+                                seed=cfg.seed, progress=not args.no_progress, compile_mode=cfg.eval.compile,
+                                length_multiple=cfg.eval.length_multiple)
         result["checkpoint"] = "final"
         if rank0:
             print(report_with_references(res.run_dir, cfg, comp.prepared, result, cfg.eval.max_examples)[1])

@@ -54,11 +54,12 @@ def _users(comp, n):
     return [(i + 1, ds.user_ids[int(u)], int(u)) for i, u in enumerate(rows)]
 
 
-def test_persisted_candidates_match_evaluation(comp):
+@pytest.mark.parametrize("compile_mode", ["off", "static"])
+def test_persisted_candidates_match_evaluation(comp, compile_mode):
     from speeder_fast.recommend import recommend
 
     users = _users(comp, 10)
-    recs = list(recommend(comp, users, top_k=3, batch_size=4, progress=False))
+    recs = list(recommend(comp, users, top_k=3, batch_size=4, progress=False, compile_mode=compile_mode))
     assert [r["user"] for r in recs] == [u for _, u, _ in users]
     te, cands = comp.prepared.test, comp.prepared.test_candidates
     b = comp.builder.build(te.histories[:10], te.lengths[:10], cands[:10], te.targets[:10], with_answer=False)

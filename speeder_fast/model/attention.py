@@ -157,6 +157,14 @@ def _cu_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def _compiling() -> bool:
+    """Under torch.compile, example boundaries are never derived from ``position_ids`` (that is
+    data-dependent: a graph break, or a host sync inside a CUDA graph): a compiled caller passes
+    ``cu_seq_lens_q/k`` + ``max_length_q/k`` for packed rows (``PackedBatch.model_kwargs()``), and
+    a row without them is one example (padded / static-shape batches)."""
+    return bool(torch.compiler.is_compiling())
+
+
 def _as_int(x: Any, name: str) -> int:
     if isinstance(x, torch.Tensor):
         _warn_once(f"int-{name}", f"speeder_varlen: {name} was a tensor; pass a Python int (PackedBatch.max_seqlen) "
@@ -184,7 +192,7 @@ def _varlen_info(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch
         return cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32), \
             max_q, max_k
     pos = kwargs.get("position_ids")
-    if pos is not None and query.shape[0] == 1 and pos.shape[-1] == query.shape[2]:
+    if pos is not None and query.shape[0] == 1 and pos.shape[-1] == query.shape[2] and not _compiling():
         pos2 = pos.reshape(1, -1)
         _warn_once("posderive", "speeder_varlen: packing boundaries derived from position_ids (one host sync per "
                                 "forward); pass PackedBatch.model_kwargs() to avoid it")
@@ -382,7 +390,7 @@ def speeder_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     if cu_q is not None and b == 1:  # cu without max: block-diagonal from cu, no sync
         seg = torch.searchsorted(cu_q.to(query.device).long()[1:], torch.arange(lq, device=query.device),
                                  right=True)[None]
-    elif pos is not None and pos.shape[-1] == lq:
+    elif pos is not None and pos.shape[-1] == lq and not _compiling():
         seg = _cached("seg", pos, lambda: _segments_from_positions(pos.reshape(-1, lq)))
     else:
         seg = None

@@ -179,6 +179,8 @@ class SpeederRecModel(nn.Module):
         self.attn_impl = str(getattr(llm, "speeder_attn_impl", None) or getattr(base.config, "_attn_implementation", "sdpa"))
         self.packing = False
         self.set_packing(packing)
+        # splice without position cues when the model has no SPAE (not a submodule: no parameters)
+        object.__setattr__(self, "_no_cues", SPAE(1, 1, False, False))
 
     def set_packing(self, mode: str) -> bool:
         """Apply ``train.packing`` (auto | on | off) for the device the LLM is on; logs one line."""
@@ -201,9 +203,14 @@ class SpeederRecModel(nn.Module):
         table = self.embed.weight
         if self.mome is None or batch.unique_items.numel() == 0:  # shape check only, no device sync
             return F.embedding(batch.input_ids, table)
-        tokens = self.item_tokens(batch)
-        pos = self.positions if self.positions is not None else SPAE(1, 1, False, False)
-        return pos.splice(batch.input_ids, table, batch.slot_item, batch.slot_abs, batch.slot_rel, tokens)
+        return self.splice(batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, self.item_tokens(batch))
+
+    def splice(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+               slot_rel: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of ``input_ids`` with ``item_tokens.view(-1, H)[slot_item]`` (+ SPAE cues)
+        at the item slots (``kernels.inject_positions``; any layout: padded or packed)."""
+        pos = self.positions if self.positions is not None else self._no_cues
+        return pos.splice(input_ids, self.embed.weight, slot_item, slot_abs, slot_rel, item_tokens)
 
     def _embeds_packed(self, batch: PromptBatch) -> torch.Tensor:
         """Input embeddings [1, T, H] of the packed row (splice run on packed ids/slots, no padding)."""
@@ -213,8 +220,7 @@ class SpeederRecModel(nn.Module):
         if self.mome is None or batch.unique_items.numel() == 0:
             return F.embedding(pb.input_ids, table)
         slot_item, slot_abs, slot_rel = pb.extras
-        pos = self.positions if self.positions is not None else SPAE(1, 1, False, False)
-        return pos.splice(pb.input_ids, table, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
+        return self.splice(pb.input_ids, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
 
     def uses_packing(self, batch: PromptBatch) -> bool:
         """True when ``batch`` runs packed (packing on and the batch carries its packed form)."""
@@ -281,9 +287,13 @@ class SpeederRecModel(nn.Module):
 
     def _label_logits(self, h: torch.Tensor, batch: PromptBatch, packed: bool) -> torch.Tensor:
         last = h.reshape(-1, h.shape[-1]).index_select(0, self.answer_rows(batch, packed))  # [B, H]
+        return self.label_logits_at(last, batch.label_token_ids)
+
+    def label_logits_at(self, last: torch.Tensor, label_token_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] fp32 logits of ``label_token_ids`` from answer-position hidden states ``last`` [B, H]."""
         if self._plain_head():  # only the N label rows of the head, never [B, V]
-            return label_logits(last, self.lm_head.weight, batch.label_token_ids, self.lm_head.bias).float()
-        return self._head(last).index_select(1, batch.label_token_ids)
+            return label_logits(last, self.lm_head.weight, label_token_ids, self.lm_head.bias).float()
+        return self._head(last).index_select(1, label_token_ids)
 
     def score(self, batch: PromptBatch) -> torch.Tensor:
         """[B, N] logits of the candidate label tokens at each example's answer position.

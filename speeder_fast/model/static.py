@@ -1,0 +1,184 @@
+"""Static-shape scoring: fixed ``[batch, length bucket]`` inputs, optionally compiled (CUDA graphs).
+
+:meth:`SpeederRecModel.score` runs eagerly on the exact batch shape: every batch of a different
+size or prompt length is a new shape, and a small model at a small batch is launch-bound on a GPU
+(hundreds of kernel launches per forward, each a few microseconds of host time).
+:class:`StaticScorer` gives the same scores with shapes that repeat, so a compiled forward can be
+replayed:
+
+* the batch is right-padded to ``[batch_size, ceil(L / length_multiple) * length_multiple]``
+  (extra rows are all padding, their answer position is 0, their scores are dropped);
+* item slots address the cached catalogue (:meth:`MoME.encode_catalog`, cast once to the
+  embedding dtype) instead of the batch's unique items, so no shape depends on the batch contents:
+  ``row = unique_items[slot // k] * k + slot % k``, computed on the device (no host sync);
+* the forward (splice, decoder without a padding mask, the label rows of the LM head at the answer
+  position) is one function of fixed-shape tensors, compiled with
+  ``torch.compile(mode=..., dynamic=False)``; ``reduce-overhead`` records a CUDA graph per shape
+  bucket and replays it (inputs are copied into the graph's static buffers; the output is cloned
+  before the next replay overwrites it).
+
+Exactness: right padding never changes a real position's hidden state under a causal mask (the
+same argument that lets :meth:`SpeederRecModel.hidden_states` drop the padding mask), and a
+catalogue row is exactly the token the eager path gathers, so the static scores equal the eager
+ones up to floating-point reassociation inside compiled kernels (tests check both, on CPU).
+
+``compile`` values (config ``eval.compile``): ``off`` (eager :meth:`score`, this class unused),
+``static`` (static shapes, eager: the padding logic without a compiler), ``default`` |
+``reduce-overhead`` | ``max-autotune`` (torch.compile modes), ``auto`` (``reduce-overhead`` on
+CUDA, ``off`` elsewhere). Each distinct length bucket compiles once (the first call per bucket is
+slow: warm up before timing); torch's recompile limit is raised to cover ``max_buckets`` buckets.
+Packing is not used here: a packed row's length changes with every batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from speeder_fast.config import COMPILE_MODES
+from speeder_fast.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["COMPILE_MODES", "StaticScorer", "resolve_compile"]
+
+
+def resolve_compile(mode: str, device: torch.device | str) -> str:
+    """``eval.compile`` -> the mode used on ``device`` (``auto``: reduce-overhead on CUDA, else off)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"eval.compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "reduce-overhead" if torch.device(device).type == "cuda" else "off"
+    return mode
+
+
+class StaticScorer:
+    """``scorer(batch) -> [B, N]`` float32 label logits, like ``model.score(batch)``, on static shapes.
+
+    Args:
+        model: a :class:`~speeder_fast.model.llm.SpeederRecModel` (put in eval mode by each call).
+        batch_size: the fixed batch; a larger batch is scored in chunks of this size.
+        length_multiple: prompt lengths are padded up to a multiple of this.
+        compile: ``static`` | ``default`` | ``reduce-overhead`` | ``max-autotune`` (see module doc).
+        pad_id: token id written at padding positions (any valid row of the embedding table).
+        backend: torch.compile backend (``None``: inductor); tests use ``aot_eager`` on CPU.
+        max_buckets: recompile limit for the compiled function (distinct length buckets).
+    """
+
+    def __init__(self, model: Any, batch_size: int, length_multiple: int = 64, compile: str = "reduce-overhead",
+                 pad_id: int = 0, backend: str | None = None, max_buckets: int = 32) -> None:
+        if compile in ("off", "auto"):
+            raise ValueError(f"StaticScorer needs a resolved mode (static or a torch.compile mode), got {compile!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if batch_size < 1 or length_multiple < 1:
+            raise ValueError(f"batch_size and length_multiple must be >= 1, got {batch_size}, {length_multiple}")
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.length_multiple = int(length_multiple)
+        self.mode = compile
+        self.pad_id = int(pad_id)
+        self._catalog_src: torch.Tensor | None = None
+        self._catalog: torch.Tensor | None = None
+        self.shapes_seen: set[tuple[int, int]] = set()
+        fn: Callable[..., torch.Tensor] = self._forward
+        if compile != "static":
+            import torch._dynamo
+
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(int(getattr(cfg, name)), int(max_buckets)))
+            kw: dict[str, Any] = {"dynamic": False}
+            if backend is not None:
+                kw["backend"] = backend
+            else:
+                kw["mode"] = compile
+            fn = torch.compile(self._forward, **kw)
+        self._fn = fn
+        self._cudagraphs = compile == "reduce-overhead" and backend is None
+        log.info(f"static scoring: batch {self.batch_size}, length multiple {self.length_multiple}, "
+                 f"{'eager' if compile == 'static' else f'torch.compile {compile}' + (f' ({backend})' if backend else '')}")
+
+    # ------------------------------------------------------------------ pieces
+    def catalog(self) -> torch.Tensor | None:
+        """The MRC catalogue [n_items, k, H] in the embedding dtype (recast only when it changes)."""
+        mome = self.model.mome
+        if mome is None:
+            return None
+        src = mome.encode_catalog()
+        if src is not self._catalog_src:
+            self._catalog_src = src
+            self._catalog = src.to(self.model.embed.weight.dtype)
+            if self._cudagraphs:  # same storage every replay: no copy into the graph's input buffer
+                torch._dynamo.mark_static_address(self._catalog)
+        return self._catalog
+
+    def _forward(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                 slot_rel: torch.Tensor, answer_pos: torch.Tensor, label_ids: torch.Tensor,
+                 catalog: torch.Tensor | None) -> torch.Tensor:
+        m = self.model
+        if catalog is None:
+            embeds = F.embedding(input_ids, m.embed.weight)
+        else:
+            embeds = m.splice(input_ids, slot_item, slot_abs, slot_rel, catalog)
+        out = m.decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        Bs, Lb, H = h.shape
+        rows = torch.arange(Bs, device=h.device) * Lb + answer_pos
+        return m.label_logits_at(h.reshape(-1, H).index_select(0, rows), label_ids)
+
+    def padded_inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """The fixed-shape inputs of ``batch`` (one chunk of at most ``batch_size`` rows)."""
+        if not getattr(batch, "right_padded", True):
+            raise ValueError("StaticScorer scores right-padded batches (build them with padding_side='right')")
+        B, L = batch.input_ids.shape
+        if B > self.batch_size:
+            raise ValueError(f"batch of {B} > StaticScorer.batch_size {self.batch_size}")
+        Bs, Lb = self.batch_size, math.ceil(L / self.length_multiple) * self.length_multiple
+        dev = batch.input_ids.device
+
+        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(x, (0, Lb - L, 0, Bs - B), value=value)
+
+        ids = pad(batch.input_ids, self.pad_id)
+        slot = batch.slot_item
+        k = self.model.mome.k if self.model.mome is not None else 1
+        if batch.unique_items.numel() > 0:  # batch-local rows u*k+t -> catalogue rows item*k+t
+            s = slot.clamp(min=0)
+            slot = torch.where(slot >= 0, batch.unique_items.index_select(0, (s // k).reshape(-1)).view_as(s) * k + s % k, -1)
+        answer = F.pad(batch.answer_pos, (0, Bs - B), value=0)
+        return (ids, pad(slot, -1), pad(batch.slot_abs, -1), pad(batch.slot_rel, -1), answer.to(dev),
+                batch.label_token_ids)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, batch: Any) -> torch.Tensor:
+        """[B, N] float32 label logits of ``batch`` (already on the model's device)."""
+        self.model.eval()
+        B = int(batch.input_ids.shape[0])
+        if B > self.batch_size:
+            return torch.cat([self(_rows(batch, s, min(B, s + self.batch_size)))
+                              for s in range(0, B, self.batch_size)], 0)
+        inputs = self.padded_inputs(batch)
+        self.shapes_seen.add(tuple(inputs[0].shape))
+        cat = self.catalog() if batch.unique_items.numel() > 0 else None
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._fn(*inputs, cat)
+        return out[:B].float().clone()
+
+
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a padded :class:`PromptBatch` (the fields ``StaticScorer`` reads)."""
+    from dataclasses import replace
+
+    sl = slice(start, stop)
+    return replace(batch, input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl],
+                   labels=batch.labels[sl], slot_item=batch.slot_item[sl], slot_abs=batch.slot_abs[sl],
+                   slot_rel=batch.slot_rel[sl], answer_pos=batch.answer_pos[sl], target_idx=batch.target_idx[sl],
+                   candidates=batch.candidates[sl], prompt_tokens=batch.prompt_tokens[sl],
+                   history_lengths=batch.history_lengths[sl], packed=None, loss_pos=batch.loss_pos[:0],
+                   loss_targets=batch.loss_targets[:0])
