@@ -14,7 +14,7 @@
 #   1. install the wheels into /tmp/site (PYTHONPATH) and the project without deps (editable; falls
 #      back to a non-editable install into /tmp/site); print versions and nvidia-smi
 #   2. GPU tests: pytest -m gpu tests
-#   3. python benchmarks/bench_kernels.py --out $OUT/kernels.json
+#   3. python benchmarks/bench_kernels.py --out $OUT/kernels.json; python -m speeder_fast.profile kernels
 #   4. python benchmarks/fastpath_check.py --out $OUT/fastpath.json
 #   5. paradigm benchmarks: pytest benchmarks/test_bench_paradigms.py --benchmark-only
 #      (--benchmark-json $OUT/paradigms.json, collector $OUT/paradigms_summary.json);
@@ -28,7 +28,7 @@
 # Local dry run on a CPU machine (GPU-only steps skip or fail fast, the rest runs):
 #   OUT=/tmp/out GPU_CHECK_TOTAL_S=900 bash benchmarks/gpu_check.sh
 # Per-step caps (seconds) can be changed with CAP_TESTS, CAP_KERNELS, CAP_FASTPATH, CAP_PARADIGMS,
-# CAP_PROFILE; the paradigm benchmarks stop starting new cases after PARADIGM_BUDGET_S.
+# CAP_PROFILE_KERNELS, CAP_PROFILE; the paradigm benchmarks stop starting new cases after PARADIGM_BUDGET_S.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -125,12 +125,14 @@ PY
 # ---------------------------------------------------------------- 2-6. checks
 step "gpu-tests" "${CAP_TESTS:-75}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rs
 step "bench-kernels" "${CAP_KERNELS:-70}" $PY benchmarks/bench_kernels.py --out "$OUT/kernels.json" --reps 20
+PROF=/tmp/gpu_check_extra/profile
+mkdir -p "$PROF"
+# where the inject fwd+bwd time goes (GPU kernels vs host; Triton metadata), trace bundled in plots.tgz
+step "profile-kernels" "${CAP_PROFILE_KERNELS:-30}" $PY -m speeder_fast.profile kernels --out "$PROF/kernels_trace.json"
 step "fastpath" "${CAP_FASTPATH:-85}" $PY benchmarks/fastpath_check.py --out "$OUT/fastpath.json" --time-budget 55 --steps 3
 SPEEDER_BENCH_BUDGET_S=${PARADIGM_BUDGET_S:-140} \
   step "paradigms" "${CAP_PARADIGMS:-175}" $PY -m pytest benchmarks/test_bench_paradigms.py --benchmark-only -q -rs \
   -p no:cacheprovider --benchmark-json "$OUT/paradigms.json" --paradigm-summary "$OUT/paradigms_summary.json"
-PROF=/tmp/gpu_check_extra/profile
-mkdir -p "$PROF"
 step "profile-train" "${CAP_PROFILE:-45}" $PY -m speeder_fast.profile train --paradigm speeder \
   --data "${SPEEDER_BENCH_DATA:-../shared/data/amazon-office}" --model "${SPEEDER_BENCH_SMOLLM2:-smollm2-135m}" \
   --batch-size 16 --steps 3 --profile-steps 1 --out "$PROF"
