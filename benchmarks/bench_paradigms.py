@@ -13,7 +13,7 @@ What one measurement is (the code a training run / an evaluation runs, nothing r
 * ``score``: build (no answer) -> ``SpeederRecModel.score`` under ``no_grad`` -> argmax (the
   ``speeder_fast.evaluate`` score path; MoME tokens come from the cached catalogue, as in eval).
 * ``score_compiled``: the same scoring through ``speeder_fast.model.static.StaticScorer`` (what
-  ``eval.compile`` selects): static ``[B, 64-multiple]`` shapes, ``torch.compile`` with
+  ``eval.compile`` selects): static ``[B, 16-multiple]`` shapes, ``torch.compile`` with
   ``reduce-overhead`` on CUDA (CUDA graphs; compile + graph capture happen in the warm-up calls,
   which are not timed), eager static shapes on CPU (``info["compile"]`` says which).
 * ``generate``: build left-padded -> ``SpeederRecModel.generate`` (greedy, LLaRA protocol,
@@ -570,9 +570,9 @@ class ParadigmRunner:
             from speeder_fast.model.static import StaticScorer
 
             mode = "reduce-overhead" if dev.type == "cuda" else "static"
-            scorer = StaticScorer(model, B, 64, mode, pad_id=builder.pad_id)
+            scorer = StaticScorer(model, B, 16, mode, pad_id=builder.pad_id)
             info["compile"] = mode
-            info["padded_len"] = int(math.ceil(info["padded_len"] / 64) * 64)
+            info["padded_len"] = int(math.ceil(info["padded_len"] / scorer.length_multiple) * scorer.length_multiple)
 
             def fn() -> Any:
                 batch = builder.build(hist, lens, cands, None, with_answer=False)

@@ -150,7 +150,7 @@ class EvalConfig:
     compile: str = _f("off", "score mode on static shapes (speeder_fast.model.static): off | auto (reduce-overhead "
                              "on CUDA, off on CPU) | static (padded shapes, eager) | default | reduce-overhead "
                              "(CUDA graphs) | max-autotune (torch.compile modes)")
-    length_multiple: int = _f(64, "eval.compile != off: prompts are padded to a multiple of this many tokens "
+    length_multiple: int = _f(16, "eval.compile != off: prompts are padded to a multiple of this many tokens "
                                   "(one compiled graph per length bucket)")
 
 

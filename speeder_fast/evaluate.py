@@ -86,7 +86,7 @@ def evaluate_split(
     seed: int = 0,
     progress: bool = True,
     compile_mode: str = "off",
-    length_multiple: int = 64,
+    length_multiple: int = 16,
 ) -> dict[str, Any]:
     """Score or generate answers for ``split`` with ``model`` and return the metric dict.
 

@@ -68,7 +68,7 @@ class StaticScorer:
         max_buckets: recompile limit for the compiled function (distinct length buckets).
     """
 
-    def __init__(self, model: Any, batch_size: int, length_multiple: int = 64, compile: str = "reduce-overhead",
+    def __init__(self, model: Any, batch_size: int, length_multiple: int = 16, compile: str = "reduce-overhead",
                  pad_id: int = 0, backend: str | None = None, max_buckets: int = 32) -> None:
         if compile in ("off", "auto"):
             raise ValueError(f"StaticScorer needs a resolved mode (static or a torch.compile mode), got {compile!r}")
