@@ -32,8 +32,8 @@ import torch
 
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
-from speeder_fast.metrics import hit_rate, ndcg, rank_of_target
 from speeder_fast.config import COMPILE_MODES
+from speeder_fast.metrics import hit_rate, ndcg, rank_of_target
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("speeder_fast.evaluate")
@@ -112,17 +112,14 @@ def evaluate_split(
     if world > 1:
         shard = shard_indices_for_eval(len(idx), world, get_rank())
         idx = idx[shard.start:shard.stop]
-    from speeder_fast.model.static import StaticScorer, resolve_compile
+    from speeder_fast.model.static import resolve_compile, score_function
 
     was_training = model.training
     model.eval()
-    score_fn = model.score
-    cmode = resolve_compile(compile_mode, device)
-    if cmode != "off":
-        if mode == "score":
-            score_fn = StaticScorer(model, batch_size, length_multiple, cmode, pad_id=builder.pad_id)
-        else:
-            log.info("eval.compile=%s applies to score mode only; generating eagerly", compile_mode)
+    if mode == "score":
+        score_fn = score_function(model, compile_mode, device, batch_size, length_multiple, builder.pad_id)
+    elif resolve_compile(compile_mode, device) != "off":
+        log.info("eval.compile=%s applies to score mode only; generating eagerly", compile_mode)
     t0 = time.perf_counter()
     correct, valid, ranks, ptoks, hlen, texts = [], [], [], [], [], []
     bar = tqdm(range(0, len(idx), batch_size), desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)

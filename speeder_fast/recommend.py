@@ -131,13 +131,11 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
     if comp.cfg.prompt.answer_mode == "generate":
         log.warning("this run was trained with answer_mode=generate: ranking by label-token logits, which it did not train")
     hist, lens, cands = build_queries(comp, users, split, candidates, n_unseen, seed)
-    from speeder_fast.model.static import StaticScorer, resolve_compile
+    from speeder_fast.model.static import score_function
 
     model.eval()
-    score_fn = model.score
-    cmode = resolve_compile(compile_mode, comp.device)
-    if cmode != "off":
-        score_fn = StaticScorer(model, batch_size, comp.cfg.eval.length_multiple, cmode, pad_id=builder.pad_id)
+    score_fn = score_function(model, compile_mode, comp.device, batch_size, comp.cfg.eval.length_multiple,
+                              builder.pad_id)
     for s in tqdm(range(0, len(users), batch_size), desc="recommend", unit="batch", disable=not progress, leave=False):
         sl = slice(s, s + batch_size)
         batch = builder.build(hist[sl], lens[sl], cands[sl], None, with_answer=False)

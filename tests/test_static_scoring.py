@@ -23,7 +23,7 @@ def test_static_equals_eager(llm_dir, paradigm):
     _, prepared, builder, model = tiny.make_rec_model(llm_dir, paradigm, lora_b_noise=True)
     model.eval()
     scorer = StaticScorer(model, batch_size=8, length_multiple=16, compile="static", pad_id=builder.pad_id)
-    for rows in (slice(0, 5), slice(5, 13), slice(13, 14)):  # partial, over-full (chunked) and single batches
+    for rows in (slice(0, 5), slice(5, 13), slice(13, 24), slice(24, 25)):  # partial, full, over-full (chunked), single
         batch = _batch(prepared, builder, rows)
         with torch.no_grad():
             ref = model.score(batch)

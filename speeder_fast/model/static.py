@@ -43,7 +43,7 @@ from speeder_fast.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["COMPILE_MODES", "StaticScorer", "resolve_compile"]
+__all__ = ["COMPILE_MODES", "StaticScorer", "resolve_compile", "score_function"]
 
 
 def resolve_compile(mode: str, device: torch.device | str) -> str:
@@ -53,6 +53,16 @@ def resolve_compile(mode: str, device: torch.device | str) -> str:
     if mode == "auto":
         return "reduce-overhead" if torch.device(device).type == "cuda" else "off"
     return mode
+
+
+def score_function(model: Any, compile_mode: str, device: torch.device | str, batch_size: int,
+                   length_multiple: int, pad_id: int) -> Callable[[Any], torch.Tensor]:
+    """``batch -> [B, N]`` label logits: ``model.score`` when ``compile_mode`` resolves to ``off`` on
+    ``device``, else a :class:`StaticScorer` (the one switch behind ``eval.compile``)."""
+    mode = resolve_compile(compile_mode, device)
+    if mode == "off":
+        return model.score
+    return StaticScorer(model, batch_size, length_multiple, mode, pad_id=pad_id)
 
 
 class StaticScorer:
@@ -79,7 +89,6 @@ class StaticScorer:
         self.model = model
         self.batch_size = int(batch_size)
         self.length_multiple = int(length_multiple)
-        self.mode = compile
         self.pad_id = int(pad_id)
         self._catalog_src: torch.Tensor | None = None
         self._catalog: torch.Tensor | None = None
@@ -130,55 +139,43 @@ class StaticScorer:
         rows = torch.arange(Bs, device=h.device) * Lb + answer_pos
         return m.label_logits_at(h.reshape(-1, H).index_select(0, rows), label_ids)
 
-    def padded_inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
-        """The fixed-shape inputs of ``batch`` (one chunk of at most ``batch_size`` rows)."""
+    def padded_inputs(self, batch: Any, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The fixed-shape inputs of rows ``start:stop`` of ``batch`` (at most ``batch_size`` rows)."""
         if not getattr(batch, "right_padded", True):
             raise ValueError("StaticScorer scores right-padded batches (build them with padding_side='right')")
-        B, L = batch.input_ids.shape
+        rows = slice(start, stop)
+        ids = batch.input_ids[rows]
+        B, L = ids.shape
         if B > self.batch_size:
             raise ValueError(f"batch of {B} > StaticScorer.batch_size {self.batch_size}")
         Bs, Lb = self.batch_size, math.ceil(L / self.length_multiple) * self.length_multiple
-        dev = batch.input_ids.device
 
         def pad(x: torch.Tensor, value: int) -> torch.Tensor:
             return F.pad(x, (0, Lb - L, 0, Bs - B), value=value)
 
-        ids = pad(batch.input_ids, self.pad_id)
-        slot = batch.slot_item
+        slot = batch.slot_item[rows]
         k = self.model.mome.k if self.model.mome is not None else 1
         if batch.unique_items.numel() > 0:  # batch-local rows u*k+t -> catalogue rows item*k+t
             s = slot.clamp(min=0)
             slot = torch.where(slot >= 0, batch.unique_items.index_select(0, (s // k).reshape(-1)).view_as(s) * k + s % k, -1)
-        answer = F.pad(batch.answer_pos, (0, Bs - B), value=0)
-        return (ids, pad(slot, -1), pad(batch.slot_abs, -1), pad(batch.slot_rel, -1), answer.to(dev),
-                batch.label_token_ids)
+        answer = F.pad(batch.answer_pos[rows], (0, Bs - B), value=0)
+        return (pad(ids, self.pad_id), pad(slot, -1), pad(batch.slot_abs[rows], -1), pad(batch.slot_rel[rows], -1),
+                answer, batch.label_token_ids)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, batch: Any) -> torch.Tensor:
-        """[B, N] float32 label logits of ``batch`` (already on the model's device)."""
+        """[B, N] float32 label logits of ``batch`` (already on the model's device); a batch larger
+        than ``batch_size`` is scored in chunks of ``batch_size`` rows."""
         self.model.eval()
         B = int(batch.input_ids.shape[0])
-        if B > self.batch_size:
-            return torch.cat([self(_rows(batch, s, min(B, s + self.batch_size)))
-                              for s in range(0, B, self.batch_size)], 0)
-        inputs = self.padded_inputs(batch)
-        self.shapes_seen.add(tuple(inputs[0].shape))
         cat = self.catalog() if batch.unique_items.numel() > 0 else None
-        if self._cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self._fn(*inputs, cat)
-        return out[:B].float().clone()
-
-
-def _rows(batch: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of a padded :class:`PromptBatch` (the fields ``StaticScorer`` reads)."""
-    from dataclasses import replace
-
-    sl = slice(start, stop)
-    return replace(batch, input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl],
-                   labels=batch.labels[sl], slot_item=batch.slot_item[sl], slot_abs=batch.slot_abs[sl],
-                   slot_rel=batch.slot_rel[sl], answer_pos=batch.answer_pos[sl], target_idx=batch.target_idx[sl],
-                   candidates=batch.candidates[sl], prompt_tokens=batch.prompt_tokens[sl],
-                   history_lengths=batch.history_lengths[sl], packed=None, loss_pos=batch.loss_pos[:0],
-                   loss_targets=batch.loss_targets[:0])
+        outs = []
+        for start in range(0, B, self.batch_size):
+            inputs = self.padded_inputs(batch, start, start + self.batch_size)
+            self.shapes_seen.add(tuple(inputs[0].shape))
+            if self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            n = min(self.batch_size, B - start)
+            outs.append(self._fn(*inputs, cat)[:n].float().clone())  # clone: the next replay overwrites
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
