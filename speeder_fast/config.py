@@ -21,6 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: ``prompt.answer_mode`` values: LLaRA label scoring, LLaRA title generation, the next-item head
+ANSWER_MODES = ("score", "generate", "item")
 #: ``eval.compile`` values (see :mod:`speeder_fast.model.static`)
 COMPILE_MODES = ("off", "auto", "static", "default", "reduce-overhead", "max-autotune")
 
@@ -83,14 +85,25 @@ class ModelConfig:
     attn_impl: str = _f("auto", "auto | flash | varlen | sdpa | eager")
     liger: str = _f("auto", "auto (on CUDA for supported architectures) | on | off")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward")
+    head_similarity: str = _f("cosine", "answer_mode=item: cosine (query and item vectors L2-normalised, times a "
+                              "learned inverse temperature) | dot")
+    head_temperature: float = _f(0.07, "answer_mode=item, cosine: initial temperature of the item logits (learned)")
+    head_projection: bool = _f(True, "answer_mode=item: a learned H x H projection of the LLM hidden state before "
+                               "scoring the items")
+    head_item_bias: bool = _f(True, "answer_mode=item: a learned per-item logit bias (it absorbs popularity)")
 
 
 @dataclass
 class PromptConfig:
     paradigm: str = _f("speeder", "verbose | titles | speeder")
-    answer_mode: str = _f("score", "score (label-token logits rank all candidates) | generate (greedy title, LLaRA)")
+    answer_mode: str = _f("score", "score (LLaRA label protocol: label-token logits rank the candidates listed in the "
+                          "prompt) | generate (LLaRA: greedy title) | item (next-item head: the hidden state after "
+                          "each history item scores the whole catalogue against the MRC item vectors; no "
+                          "candidates in the prompt, every history position is trained, SASRec-style)")
     description_tokens: int = _f(128, "verbose paradigm: description token budget per history item")
     title_tokens: int = _f(32, "max tokens of a title")
+    item_instruction: str = _f("Predict the next item from the user's history.",
+                               "answer_mode=item: instruction text (replaces `system`; no candidates are listed)")
     system: str = _f("You are a recommender. Given the items a user interacted with, in order, pick the item "
                      "they will interact with next from the candidates.", "instruction text")
     history_header: str = _f("History (oldest to newest):", "text before the history")
@@ -137,6 +150,18 @@ class TrainConfig:
     num_workers: int = _f(0, "data-loader workers")
     log_every: int = _f(10, "log metrics every N steps")
     packing: str = _f("auto", "auto | on | off: padding-free packing of examples")
+    item_loss: str = _f("auto", "answer_mode=item training loss: full (softmax over the whole catalogue, logits "
+                                "chunked by item_logit_chunk) | sampled (sampled softmax with logQ correction, "
+                                "item_negatives shared negatives per step) | auto (full up to item_full_max items)")
+    item_full_max: int = _f(50000, "item_loss=auto: catalogues with more items use the sampled softmax")
+    item_negatives: int = _f(8192, "item_loss=sampled: negatives drawn per step (with replacement, shared by all "
+                                   "positions of the step; accidental hits of the target are masked)")
+    item_sampling: str = _f("uniform", "item_loss=sampled: proposal distribution Q, uniform | popularity "
+                                       "(training counts + 1); logits are corrected by -log(item_negatives * Q)")
+    item_logit_chunk: int = _f(16384, "answer_mode=item: catalogue items per logit chunk in the full softmax "
+                                      "(memory ~ positions x chunk, never positions x catalogue)")
+    item_all_positions: bool = _f(True, "answer_mode=item: every history slot predicts the next item (SASRec "
+                                        "objective); false = only the last position (one signal per window)")
     score_loss: str = _f("labels", "score mode training loss: 'labels' = cross-entropy over the N candidate label "
                                    "logits (what score() ranks), 'vocab' = full-vocabulary cross-entropy on the label token")
 
@@ -302,8 +327,19 @@ def validate(cfg: Config) -> None:
                 errs.append(f"train.stages[{i}].modalities: unknown modality {m!r}")
     if cfg.prompt.paradigm not in ("verbose", "titles", "speeder"):
         errs.append(f"prompt.paradigm: {cfg.prompt.paradigm!r} is not one of verbose, titles, speeder")
-    if cfg.prompt.answer_mode not in ("score", "generate"):
-        errs.append(f"prompt.answer_mode: {cfg.prompt.answer_mode!r} is not score or generate")
+    if cfg.prompt.answer_mode not in ANSWER_MODES:
+        errs.append(f"prompt.answer_mode: {cfg.prompt.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
+    if cfg.model.head_similarity not in ("cosine", "dot"):
+        errs.append(f"model.head_similarity: {cfg.model.head_similarity!r} is not cosine or dot")
+    if not cfg.model.head_temperature > 0:
+        errs.append(f"model.head_temperature must be > 0, got {cfg.model.head_temperature}")
+    if cfg.train.item_loss not in ("auto", "full", "sampled"):
+        errs.append(f"train.item_loss: {cfg.train.item_loss!r} is not auto, full or sampled")
+    if cfg.train.item_sampling not in ("uniform", "popularity"):
+        errs.append(f"train.item_sampling: {cfg.train.item_sampling!r} is not uniform or popularity")
+    for key in ("item_full_max", "item_negatives", "item_logit_chunk"):
+        if getattr(cfg.train, key) < 1:
+            errs.append(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
     if cfg.model.precision not in ("fp32", "bf16", "nf4"):
         errs.append(f"model.precision: {cfg.model.precision!r} is not fp32, bf16 or nf4")
     if cfg.model.use_kernels not in ("auto", "triton", "torch"):

@@ -1,6 +1,6 @@
 """Evaluate a trained run on the persisted validation/test candidates.
 
-    python -m speeder_fast.evaluate --run runs/DIR [--split test] [--mode score|generate]
+    python -m speeder_fast.evaluate --run runs/DIR [--split test] [--mode score|generate|item]
                                     [--max-examples N] [--batch-size B] [--checkpoint final]
                                     [--compile off|auto|static|default|reduce-overhead|max-autotune]
 
@@ -11,7 +11,12 @@ Metrics (every example has ``N`` persisted candidates that contain the target on
   the candidate label tokens); in generate mode an answer is valid iff the greedy continuation
   equals exactly one candidate's title.
 * ``HR@1``: correct / valid answers (LLaRA's convention).
-* ``HR@5``, ``HR@10``, ``NDCG@5``, ``NDCG@10``: from the label-token ranking (score mode only).
+* ``HR@5``, ``HR@10``, ``NDCG@5``, ``NDCG@10``: from the ranking of the candidates (score mode: the
+  label-token logits; item mode: the next-item head's scores of the candidates).
+* ``full_HR@{1,10,20}``, ``full_NDCG@{10,20}`` (item mode, and always for the SASRec / popularity
+  rows): the target ranked among **all** items, the user's history items excluded (RecBole's
+  full-ranking protocol, :func:`speeder_fast.metrics.full_ranks`); comparable with the published
+  sequential-recommendation literature.
 
 Results are broken down by history length, written to ``eval_<split>_<mode>.json`` (+ ``.md``)
 in the run folder, and printed as a markdown table. A SASRec row (the collaborative encoder
@@ -32,8 +37,8 @@ import torch
 
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
-from speeder_fast.config import COMPILE_MODES
-from speeder_fast.metrics import hit_rate, ndcg, rank_of_target
+from speeder_fast.config import ANSWER_MODES, COMPILE_MODES
+from speeder_fast.metrics import FULL_HR_KS, FULL_NDCG_KS, full_ranks, hit_rate, ndcg, rank_of_target
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("speeder_fast.evaluate")
@@ -53,8 +58,10 @@ def select_examples(n: int, max_examples: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
 
 
-def summarize(correct: np.ndarray, valid: np.ndarray, ranks: np.ndarray | None) -> dict[str, Any]:
-    """Metric dict of one group of examples (see module docstring)."""
+def summarize(correct: np.ndarray, valid: np.ndarray, ranks: np.ndarray | None,
+              full: np.ndarray | None = None) -> dict[str, Any]:
+    """Metric dict of one group of examples (see module docstring). ``ranks``: 0-based target ranks
+    among the candidates; ``full``: among all items, history excluded (``full_HR@k``, ``full_NDCG@k``)."""
     n = int(len(correct))
     out: dict[str, Any] = {"n": n}
     if n == 0:
@@ -69,7 +76,37 @@ def summarize(correct: np.ndarray, valid: np.ndarray, ranks: np.ndarray | None) 
             out[f"HR@{k}"] = hit_rate(r, k)
         for k in (5, 10):
             out[f"NDCG@{k}"] = ndcg(r, k)
+    if full is not None:
+        f = torch.from_numpy(full)
+        out.update({f"full_HR@{k}": hit_rate(f, k) for k in FULL_HR_KS})
+        out.update({f"full_NDCG@{k}": ndcg(f, k) for k in FULL_NDCG_KS})
     return out
+
+
+def split_histories(prepared: PreparedData, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, items)``: every item of the *whole* history of the examples ``idx`` of ``split``
+    (the user's sequence before the held-out target, not only the prompt's last ``max_history``
+    items), as pairs for :func:`speeder_fast.metrics.full_ranks` (row = position in ``idx``)."""
+    seqs = prepared.dataset.sequences
+    cut = 2 if split == "valid" else 1
+    hists = [seqs[int(u)][: len(seqs[int(u)]) - cut] for u in prepared.split(split).users[idx]]
+    rows = np.repeat(np.arange(len(hists), dtype=np.int64), [len(h) for h in hists])
+    items = np.concatenate(hists).astype(np.int64) if hists else np.zeros(0, np.int64)
+    return rows, items
+
+
+def ranks_from_scores(scores: torch.Tensor, cands: np.ndarray, targets: np.ndarray,
+                      hist: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate ranks and full-ranking ranks of ``targets`` from catalogue ``scores [n, n_items]``.
+
+    ``cands [n, N]`` are the persisted candidates (the target exactly once), ``hist`` the
+    :func:`split_histories` pairs of these rows. Pessimistic ties in both.
+    """
+    c = torch.from_numpy(np.ascontiguousarray(cands)).to(scores.device)
+    t = torch.from_numpy(np.ascontiguousarray(targets)).to(scores.device)
+    cr = rank_of_target(scores.gather(1, c), (c == t[:, None]).long().argmax(1), check=False)
+    fr = full_ranks(scores, t, hist[0], hist[1])
+    return cr.cpu().numpy(), fr.cpu().numpy()
 
 
 @torch.no_grad()
@@ -102,8 +139,11 @@ def evaluate_split(
 
     from speeder_fast.model.llm import match_generated
 
-    if mode not in ("score", "generate"):
-        raise ValueError(f"mode must be score or generate, got {mode!r}")
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"mode must be one of {', '.join(ANSWER_MODES)}, got {mode!r}")
+    if (mode == "item") != bool(getattr(builder, "item_mode", False)):
+        raise ValueError(f"mode {mode!r} does not fit a run trained with answer_mode={builder.answer_mode!r} "
+                         "(the next-item head is item mode only)")
     sa = prepared.split(split)
     cands = prepared.candidates(split)
     idx = select_examples(len(sa), max_examples, seed)
@@ -116,12 +156,12 @@ def evaluate_split(
 
     was_training = model.training
     model.eval()
-    if mode == "score":
+    if mode in ("score", "item"):
         score_fn = score_function(model, compile_mode, device, batch_size, length_multiple, builder.pad_id)
     elif resolve_compile(compile_mode, device) != "off":
         log.info("eval.compile=%s applies to score mode only; generating eagerly", compile_mode)
     t0 = time.perf_counter()
-    correct, valid, ranks, ptoks, hlen, texts = [], [], [], [], [], []
+    correct, valid, ranks, fulls, ptoks, hlen, texts = [], [], [], [], [], [], []
     bar = tqdm(range(0, len(idx), batch_size), desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)
     for s in bar:
         rows = idx[s : s + batch_size]
@@ -133,7 +173,14 @@ def evaluate_split(
         hlen.append(batch.history_lengths.numpy())
         tgt = batch.target_idx
         b = batch.to(device)
-        if mode == "score":
+        if mode == "item":  # the whole catalogue: candidate ranks and full ranks from one score matrix
+            r, f = ranks_from_scores(score_fn(b).float(), cands[rows], sa.targets[rows],
+                                     split_histories(prepared, split, rows))
+            ranks.append(r)
+            fulls.append(f)
+            correct.append(r == 0)
+            valid.append(np.ones(len(rows), dtype=bool))
+        elif mode == "score":
             scores = score_fn(b).float().cpu()
             r = rank_of_target(scores, tgt, check=False).numpy()
             ranks.append(r)
@@ -151,6 +198,7 @@ def evaluate_split(
     correct_a = np.concatenate(correct) if correct else np.zeros(0, bool)
     valid_a = np.concatenate(valid) if valid else np.zeros(0, bool)
     ranks_a = np.concatenate(ranks) if ranks else None
+    full_a = np.concatenate(fulls) if fulls else None
     hlen_a = np.concatenate(hlen) if hlen else np.zeros(0, np.int64)
     ptok_a = np.concatenate(ptoks) if ptoks else np.zeros(0, np.int64)
     if world > 1:  # gather per-example results in rank order (= the original order)
@@ -161,9 +209,11 @@ def evaluate_split(
         valid_a = _g(valid_a.astype(np.uint8)).astype(bool)
         hlen_a = _g(hlen_a.astype(np.int64))
         ptok_a = _g(ptok_a.astype(np.int64))
-        if mode == "score":
+        if mode in ("score", "item"):
             ranks_a = _g((ranks_a if ranks_a is not None else np.zeros(0, np.int64)).astype(np.int64))
-    out = summarize(correct_a, valid_a, ranks_a)
+        if mode == "item":
+            full_a = _g((full_a if full_a is not None else np.zeros(0, np.int64)).astype(np.int64))
+    out = summarize(correct_a, valid_a, ranks_a, full_a)
     out.update(
         split=split,
         mode=mode,
@@ -177,16 +227,41 @@ def evaluate_split(
     for lo, hi in BUCKETS:
         m = (hlen_a >= lo) & (hlen_a <= hi)
         if m.any():
-            buckets[bucket_name(lo, hi)] = summarize(correct_a[m], valid_a[m], None if ranks_a is None else ranks_a[m])
+            buckets[bucket_name(lo, hi)] = summarize(correct_a[m], valid_a[m], None if ranks_a is None else ranks_a[m],
+                                                     None if full_a is None else full_a[m])
     out["by_history_length"] = buckets
     if texts:
         out["generated_examples"] = texts[:5]
     return out
 
 
-# ---------------------------------------------------------------------------------- SASRec row
+# ---------------------------------------------------------------------------------- reference rows
+def _reference_row(prepared: PreparedData, split: str, max_examples: int, seed: int, mode: str,
+                   score_rows: Any, chunk: int = 512) -> dict:
+    """Metrics of a reference ranker on the same persisted candidates and examples as the LLM row.
+
+    ``score_rows(idx) -> [len(idx), n_items]`` fp32 scores of the examples ``idx`` of ``split``
+    (called on chunks of ``chunk`` rows, so memory stays ``chunk x n_items``). Candidate and
+    full-ranking (history excluded) metrics, pessimistic ties; labelled with ``split`` and ``mode``.
+    """
+    sa = prepared.split(split)
+    cands = prepared.candidates(split)
+    idx = select_examples(len(sa), max_examples, seed)
+    cr, fr = [], []
+    for s in range(0, len(idx), chunk):
+        rows = idx[s: s + chunk]
+        r, f = ranks_from_scores(score_rows(rows), cands[rows], sa.targets[rows], split_histories(prepared, split, rows))
+        cr.append(r)
+        fr.append(f)
+    r = np.concatenate(cr) if cr else np.zeros(0, np.int64)
+    out = summarize(r == 0, np.ones(len(r), bool), r, np.concatenate(fr) if fr else np.zeros(0, np.int64))
+    out.update(split=split, mode=mode)
+    return out
+
+
 def sasrec_reference(run_dir: Path, prepared: PreparedData, split: str, max_examples: int, seed: int = 0) -> dict | None:
-    """SASRec metrics on the same persisted candidates and examples, or None when no SASRec exists."""
+    """SASRec metrics on the same persisted candidates and examples (and the full ranking), or None
+    when the run has no SASRec (``RUN/sasrec.safetensors``)."""
     path = Path(run_dir) / "sasrec.safetensors"
     if not path.is_file():
         return None
@@ -194,35 +269,21 @@ def sasrec_reference(run_dir: Path, prepared: PreparedData, split: str, max_exam
 
     model = load_sasrec(path, "cpu")
     sa = prepared.split(split)
-    cands = prepared.candidates(split)
-    idx = select_examples(len(sa), max_examples, seed)
     seqs = prepared.dataset.sequences
     cut = 2 if split == "valid" else 1
     L = model.max_len
-    cand_scores = []  # SASRec scores of each example's candidates
-    for s in range(0, len(idx), 512):
-        rows = idx[s : s + 512]
+
+    @torch.no_grad()
+    def scores(rows: np.ndarray) -> torch.Tensor:
         x = np.zeros((len(rows), L), np.int64)  # left-padded, ids shifted by +1 (0 = padding)
         for i, r in enumerate(rows):
             u = sa.users[r]
             h = seqs[u][: len(seqs[u]) - cut][-L:]
             if len(h):
-                x[i, L - len(h) :] = h + 1
-        with torch.no_grad():
-            h = model(torch.from_numpy(x))[:, -1]
-            scores = model.score_all(h).float()
-        cand_scores.append(scores.gather(1, torch.from_numpy(cands[rows])))
-    return _reference_row(torch.cat(cand_scores), cands[idx], sa.targets[idx], split, "sasrec")
+                x[i, L - len(h):] = h + 1
+        return model.score_all(model(torch.from_numpy(x))[:, -1]).float()
 
-
-def _reference_row(cand_scores: torch.Tensor, cands: np.ndarray, targets: np.ndarray, split: str, mode: str) -> dict:
-    """Metrics of a reference ranker from its scores ``[n, N]`` of the candidates ``cands [n, N]``
-    (pessimistic ties), labelled with ``split`` and ``mode``."""
-    cidx = torch.from_numpy((cands == targets[:, None]).argmax(1))
-    r = rank_of_target(cand_scores, cidx, check=False).numpy()
-    out = summarize(r == 0, np.ones(len(r), bool), r)
-    out.update(split=split, mode=mode)
-    return out
+    return _reference_row(prepared, split, max_examples, seed, "sasrec", scores)
 
 
 def item_popularity(prepared: PreparedData) -> np.ndarray:
@@ -236,17 +297,17 @@ def item_popularity(prepared: PreparedData) -> np.ndarray:
 
 
 def popularity_reference(prepared: PreparedData, split: str, max_examples: int, seed: int = 0) -> dict:
-    """Most-popular-first ranking of the same persisted candidates and examples (a non-personalised
-    floor: a recommender that does not beat it has learned nothing about the user). Ties are
-    pessimistic, like every other row."""
-    sa = prepared.split(split)
-    idx = select_examples(len(sa), max_examples, seed)
-    c = prepared.candidates(split)[idx]
-    return _reference_row(torch.from_numpy(item_popularity(prepared)[c]), c, sa.targets[idx], split, "popularity")
+    """Most-popular-first ranking of the same persisted candidates and examples, and of the whole
+    catalogue (history excluded): a non-personalised floor; a recommender that does not beat it has
+    learned nothing about the user. Ties are pessimistic, like every other row."""
+    pop = torch.from_numpy(item_popularity(prepared)).float()
+    return _reference_row(prepared, split, max_examples, seed, "popularity",
+                          lambda rows: pop.expand(len(rows), -1))
 
 
 # ---------------------------------------------------------------------------------- tables
-COLUMNS = ("VHR@1", "ValidRatio", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+COLUMNS = ("VHR@1", "ValidRatio", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10",
+           "full_HR@1", "full_HR@10", "full_HR@20", "full_NDCG@10", "full_NDCG@20")
 
 
 def _fmt(v: Any) -> str:
@@ -270,11 +331,10 @@ def format_table(rows: list[tuple[str, dict | None]]) -> str:
 
 def format_buckets(result: dict) -> str:
     """Markdown table of the history-length breakdown."""
-    lines = ["| history length | n | VHR@1 | ValidRatio | HR@1 | NDCG@10 |", "|---|---|---|---|---|---|"]
+    cols = ("VHR@1", "ValidRatio", "HR@1", "NDCG@10", "full_NDCG@10")
+    lines = ["| history length | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, m in result.get("by_history_length", {}).items():
-        lines.append(
-            f"| {name} | {m['n']} | {_fmt(m.get('VHR@1'))} | {_fmt(m.get('ValidRatio'))} | {_fmt(m.get('HR@1'))} | {_fmt(m.get('NDCG@10'))} |"
-        )
+        lines.append(f"| {name} | {m['n']} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -284,7 +344,7 @@ def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str, p
     split, mode = result["split"], result["mode"]
     md = (
         f"## {label}: {split} split, {mode} mode, {result['n']} examples, {result['n_candidates']} candidates "
-        f"(random HR@1 = {result['random_hr1']:.4f})\n\n"
+        f"(random HR@1 = {result['random_hr1']:.4f}); full_* columns rank all items, history excluded\n\n"
         + format_table([(label, result), ("SASRec (same candidates)", sasrec)]
                        + ([("Popularity (training counts, same candidates)", popularity)] if popularity else []))
         + "\n\nBy history length:\n\n"
@@ -342,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m speeder_fast.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run folder written by speeder_fast.train")
     ap.add_argument("--split", choices=["valid", "test"], default=None, help="default: eval.split of the run")
-    ap.add_argument("--mode", choices=["score", "generate"], default=None, help="default: prompt.answer_mode of the run")
+    ap.add_argument("--mode", choices=ANSWER_MODES, default=None,
+                    help="default: prompt.answer_mode of the run (item runs evaluate in item mode only)")
     ap.add_argument("--max-examples", type=int, default=None, help="0 = all (default: eval.max_examples of the run)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--checkpoint", default="final", help="checkpoint folder name under RUN/checkpoints (final, best, stage1, ...)")

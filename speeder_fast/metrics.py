@@ -59,6 +59,37 @@ def rank_of_target(scores, target_idx, check: bool = True) -> torch.Tensor:
     return torch.where(torch.isnan(tgt[:, 0]), torch.full_like(rank, c - 1), rank)
 
 
+def full_ranks(scores, target_items, hist_rows, hist_items) -> torch.Tensor:
+    """0-based ranks of each row's target among **all** items, the row's history items excluded.
+
+    This is the full-ranking protocol of RecBole (and of the SASRec / S3-Rec / DuoRec code): every
+    item the user interacted with before the target gets ``-inf``, except the target itself when it
+    is a repeat; ties stay pessimistic (:func:`rank_of_target`).
+
+    Args:
+        scores: ``[n, n_items]`` float scores (not modified).
+        target_items: ``[n]`` target item ids.
+        hist_rows / hist_items: ``[m]`` int pairs ``(row, item)``: item ``hist_items[j]`` is in the
+            history of row ``hist_rows[j]`` (any order, repeats allowed).
+
+    Returns:
+        ``[n]`` int64 ranks on ``scores``' device.
+    """
+    s = _as_tensor(scores).float().clone()
+    t = _as_tensor(target_items, torch.long).to(s.device)
+    r = _as_tensor(hist_rows, torch.long).to(s.device)
+    i = _as_tensor(hist_items, torch.long).to(s.device)
+    tscore = s.gather(1, t[:, None])
+    s.index_put_((r, i), torch.tensor(float("-inf"), device=s.device))
+    s.scatter_(1, t[:, None], tscore)  # the target is never excluded
+    return rank_of_target(s, t, check=False)
+
+
+#: the full-ranking metrics reported next to the candidate ones (keys ``full_HR@k`` / ``full_NDCG@k``)
+FULL_HR_KS = (1, 10, 20)
+FULL_NDCG_KS = (10, 20)
+
+
 def _ranks(ranks) -> torch.Tensor:
     r = _as_tensor(ranks, torch.long)
     if r.dim() != 1:

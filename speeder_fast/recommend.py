@@ -1,31 +1,35 @@
 """Top-k recommendations for given users from a trained run.
 
     python -m speeder_fast.recommend --run runs/DIR --users users.txt [--top-k 5] [--split test]
-                                     [--candidates persisted | --candidates all-unseen N] [--seed 0]
+                                     [--candidates catalogue | persisted | all-unseen N] [--seed 0]
                                      [--out recs.jsonl] [--batch-size B] [--checkpoint final] [--device cpu]
 
 ``--users FILE``: one raw user id per line (blank lines and lines starting with ``#`` are
 skipped), or the word ``all`` for every user with a row in the split.
 
-Which history and which candidates (the model ranks a fixed candidate list, it does not search the
-catalogue):
+Which history and which items are ranked:
 
-* ``--candidates persisted`` (default): the persisted candidates of ``--split`` for that user (the
-  same list :mod:`speeder_fast.evaluate` ranks; it contains the held-out item), and the history is
-  the user's interactions *before* that held-out item (its most recent ``data.max_history``
-  items). The top-1 here is exactly evaluate's score-mode answer for that example.
-* ``--candidates all-unseen N``: a real next-item query. History = the user's full interaction
-  sequence (most recent ``data.max_history`` items); candidates = ``N`` items the user never
-  interacted with, sampled uniformly with ``numpy.random.default_rng([seed, user_index])``
-  (reproducible per user). ``N`` must equal the run's ``data.n_candidates`` (the prompt has that
-  many label tokens).
+* ``--candidates catalogue`` (the default for runs with the next-item head, ``answer_mode=item``): a
+  real next-item query over the **whole catalogue**. History = the user's full interaction sequence
+  (the prompt holds its most recent ``data.max_history`` items); every item the user interacted
+  with is excluded; the top ``--top-k`` of all other items are returned (fewer when fewer remain). One forward per batch of
+  users plus one matmul against the cached item vectors.
+* ``--candidates persisted`` (the default for label-scoring runs): the persisted candidates of
+  ``--split`` for that user (the same list :mod:`speeder_fast.evaluate` ranks; it contains the
+  held-out item), and the history is the user's interactions *before* that held-out item (its most
+  recent ``data.max_history`` items). The top-1 here is exactly evaluate's answer for that example.
+* ``--candidates all-unseen N``: history = the user's full sequence; candidates = ``N`` items the
+  user never interacted with, sampled uniformly with ``numpy.random.default_rng([seed, user_index])``
+  (reproducible per user). For label-scoring runs ``N`` must equal the run's ``data.n_candidates``
+  (the prompt has that many label tokens); item-mode runs take any ``N``.
 
-Ranking is by the candidate label-token logits at the answer position (``SpeederRecModel.score``:
-one forward per batch of users, MRC item tokens from the cached catalogue). Each output line is a
-JSON object: ``user``, ``line`` (in the users file; null for ``all``), ``history`` (raw item ids,
-oldest first), ``recommendations`` = ``[{rank, item, title, score, prob}]`` (``prob`` = softmax over
-the candidates). Runs trained with ``prompt.answer_mode=generate`` are ranked the same way (a
-warning is logged: their label tokens were not trained).
+Ranking: item-mode runs rank by the next-item head's scores; label-scoring runs by the candidate
+label-token logits at the answer position (``SpeederRecModel.score``: one forward per batch of
+users, MRC item tokens from the cached catalogue). Each output line is a JSON object: ``user``,
+``line`` (in the users file; null for ``all``), ``history`` (``[{item, title}]``, oldest first:
+the items the prompt shows), ``recommendations`` = ``[{rank, item, title, score, prob}]``
+(``prob`` = softmax over the ranked items). Runs trained with ``prompt.answer_mode=generate`` are
+ranked by label logits too (a warning is logged: their label tokens were not trained).
 """
 
 from __future__ import annotations
@@ -76,18 +80,22 @@ def unseen_candidates(seq: np.ndarray, n_items: int, n: int, seed: int, user: in
 
 
 def build_queries(comp: Any, users: list[tuple[int | None, str, int]], split: str, candidates: str, n_unseen: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Histories [n, H] (-1 padded), lengths [n] and candidates [n, N] for ``users``."""
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[np.ndarray]]:
+    """Histories [n, H] (-1 padded), lengths [n], candidates [n, N] (None for ``catalogue``) and each
+    user's excluded items (the whole history before the ranked position) for ``users``."""
     prepared, cfg = comp.prepared, comp.cfg
     H = cfg.data.max_history
     n = len(users)
     hist = np.full((n, H), -1, np.int64)
     lens = np.zeros(n, np.int64)
+    ds = prepared.dataset
     if candidates == "persisted":
         sa = prepared.split(split)
         cands_all = prepared.candidates(split)
         row_of = {int(u): r for r, u in enumerate(sa.users)}
         cands = np.zeros((n, cands_all.shape[1]), np.int64)
+        cut = 2 if split == "valid" else 1
+        seen = []
         for i, (no, uid, u) in enumerate(users):
             r = row_of.get(u)
             if r is None:
@@ -97,40 +105,50 @@ def build_queries(comp: Any, users: list[tuple[int | None, str, int]], split: st
             hist[i, : min(L, H)] = sa.histories[r, max(0, L - H) : L]
             lens[i] = min(L, H)
             cands[i] = cands_all[r]
-        return hist, lens, cands
+            seen.append(np.asarray(ds.sequences[u][: len(ds.sequences[u]) - cut], np.int64))
+        return hist, lens, cands, seen
+    item_mode = comp.builder.item_mode
     N = cfg.data.n_candidates
-    if n_unseen != N:
+    if candidates == "all-unseen" and not item_mode and n_unseen != N:
         raise ValueError(f"--candidates all-unseen {n_unseen}: this run's prompts have {N} candidate labels "
                          f"(data.n_candidates); use all-unseen {N}")
-    cands = np.zeros((n, N), np.int64)
-    ds = prepared.dataset
+    if candidates == "catalogue" and not item_mode:
+        raise ValueError("--candidates catalogue needs a run with the next-item head (prompt.answer_mode=item); "
+                         "label-scoring runs rank a candidate list: use persisted or all-unseen N")
+    cands = None if candidates == "catalogue" else np.zeros((n, n_unseen), np.int64)
+    seen = []
     for i, (_, _, u) in enumerate(users):
         seq = np.asarray(ds.sequences[u], np.int64)
         h = seq[-H:]
         hist[i, : len(h)] = h
         lens[i] = len(h)
-        cands[i] = unseen_candidates(seq, ds.n_items, N, seed, u)
-    return hist, lens, cands
+        seen.append(seq)
+        if cands is not None:
+            cands[i] = unseen_candidates(seq, ds.n_items, n_unseen, seed, u)
+    return hist, lens, cands, seen
 
 
 @torch.no_grad()
 def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 5, split: str = "test",
-              candidates: str = "persisted", n_unseen: int = 0, seed: int = 0, batch_size: int = 16,
+              candidates: str | None = None, n_unseen: int = 0, seed: int = 0, batch_size: int = 16,
               progress: bool = True, compile_mode: str = "off") -> Iterator[dict]:
     """Yield one recommendation record per user (see the module docstring for the fields).
 
-    ``compile_mode`` (``eval.compile``): score on static shapes through
-    :class:`~speeder_fast.model.static.StaticScorer` (same ranking; CUDA graphs with reduce-overhead).
+    ``candidates``: ``catalogue`` | ``persisted`` | ``all-unseen`` (None: ``catalogue`` for item-mode
+    runs, ``persisted`` otherwise). ``compile_mode`` (``eval.compile``): score on static shapes
+    through :class:`~speeder_fast.model.static.StaticScorer` (same ranking; CUDA graphs with
+    reduce-overhead). Raises ValueError for a ``top_k`` larger than the ranked set.
     """
     from tqdm.auto import tqdm
 
     model, builder, ds = comp.model, comp.builder, comp.prepared.dataset
-    N = comp.cfg.data.n_candidates
-    if not 1 <= top_k <= N:
-        raise ValueError(f"--top-k must be in 1..{N} (the number of candidates), got {top_k}")
+    candidates = candidates or ("catalogue" if builder.item_mode else "persisted")
     if comp.cfg.prompt.answer_mode == "generate":
         log.warning("this run was trained with answer_mode=generate: ranking by label-token logits, which it did not train")
-    hist, lens, cands = build_queries(comp, users, split, candidates, n_unseen, seed)
+    hist, lens, cands, seen = build_queries(comp, users, split, candidates, n_unseen, seed)
+    n_ranked = ds.n_items if cands is None else cands.shape[1]
+    if not 1 <= top_k <= n_ranked:
+        raise ValueError(f"--top-k must be in 1..{n_ranked} (the number of ranked items), got {top_k}")
     from speeder_fast.model.static import score_function
 
     model.eval()
@@ -138,18 +156,28 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
                               builder.pad_id)
     for s in tqdm(range(0, len(users), batch_size), desc="recommend", unit="batch", disable=not progress, leave=False):
         sl = slice(s, s + batch_size)
-        batch = builder.build(hist[sl], lens[sl], cands[sl], None, with_answer=False)
+        batch = builder.build(hist[sl], lens[sl], None if cands is None else cands[sl], None, with_answer=False)
         scores = score_fn(batch.to(comp.device)).float().cpu()
+        if builder.item_mode:
+            if cands is None:  # the whole catalogue, the user's own items excluded
+                rows = np.repeat(np.arange(len(seen[sl])), [len(x) for x in seen[sl]])
+                scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(seen[sl]))] = float("-inf")
+            else:
+                scores = scores.gather(1, torch.from_numpy(cands[sl]))
         probs = scores.softmax(1)
         top = scores.topk(top_k, dim=1)
         for j, (no, uid, u) in enumerate(users[sl]):
             recs = []
             for rank, (v, c) in enumerate(zip(top.values[j].tolist(), top.indices[j].tolist()), 1):
-                item = int(cands[s + j, c])
+                if v == float("-inf"):  # an excluded (already interacted) item: the ranking ends here
+                    break
+                item = int(c) if cands is None else int(cands[s + j, c])
                 recs.append({"rank": rank, "item": ds.item_ids[item], "title": builder.titles[item],
                              "score": round(float(v), 6), "prob": round(float(probs[j, c]), 6)})
             h = hist[s + j, : lens[s + j]]
-            yield {"user": uid, "line": no, "history": [ds.item_ids[int(i)] for i in h], "recommendations": recs}
+            yield {"user": uid, "line": no,
+                   "history": [{"item": ds.item_ids[int(i)], "title": builder.titles[int(i)]} for i in h],
+                   "recommendations": recs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", required=True, help="file with one raw user id per line, or 'all'")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--split", choices=["valid", "test"], default="test", help="persisted candidates of this split")
-    ap.add_argument("--candidates", nargs="+", default=["persisted"], metavar="MODE",
-                    help="'persisted' (default) or 'all-unseen N'")
+    ap.add_argument("--candidates", nargs="+", default=None, metavar="MODE",
+                    help="'catalogue' (every item the user has not interacted with; the default for item-mode "
+                         "runs), 'persisted' (the split's persisted candidates; the default otherwise) or "
+                         "'all-unseen N'")
     ap.add_argument("--seed", type=int, default=0, help="seed of the all-unseen candidate sampling")
     ap.add_argument("--out", default=None, help="write JSONL here (atomically); default: print to stdout")
     ap.add_argument("--batch-size", type=int, default=None, help="users per forward (default: eval.batch_size)")
@@ -170,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
                          "batches of one shape); default: eval.compile of the run (off unless set)")
     args = ap.parse_args(argv)
 
-    mode = args.candidates[0]
+    mode = args.candidates[0] if args.candidates else None
     n_unseen = 0
     if mode == "all-unseen" and len(args.candidates) == 2 and args.candidates[1].isdigit():
         n_unseen = int(args.candidates[1])
-    elif not (mode == "persisted" and len(args.candidates) == 1):
-        print(f"error: --candidates must be 'persisted' or 'all-unseen N', got {' '.join(args.candidates)!r}", file=sys.stderr)
+    elif not (mode is None or (mode in ("persisted", "catalogue") and len(args.candidates) == 1)):
+        print(f"error: --candidates must be 'catalogue', 'persisted' or 'all-unseen N', got "
+              f"{' '.join(args.candidates)!r}", file=sys.stderr)
         return 2
     if not Path(args.run).is_dir():
         print(f"error: run folder {args.run} does not exist", file=sys.stderr)
@@ -186,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
         comp.model.set_packing(comp.cfg.train.packing)
         ds = comp.prepared.dataset
+        mode = mode or ("catalogue" if comp.builder.item_mode else "persisted")
         if args.users == "all":
             rows = comp.prepared.split(args.split).users if mode == "persisted" else np.arange(ds.n_users)
             users: list[tuple[int | None, str, int]] = [(None, ds.user_ids[int(u)], int(u)) for u in rows]

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 
-from speeder_fast.config import (Config, ConfigError, _apply, describe_fields, load_config, normalise_stages,
+from speeder_fast.config import (ANSWER_MODES, Config, ConfigError, _apply, describe_fields, load_config, normalise_stages,
                                  read_toml, set_override, to_toml, validate)
 
 #: Named presets: lists of ``--set`` assignments applied before the config file.
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="model.llm (HF id/local path; smollm2-135m = offline asset)")
     ap.add_argument("--paradigm", choices=["verbose", "titles", "speeder"], help="prompt.paradigm")
     ap.add_argument("--precision", choices=["fp32", "bf16", "nf4"], help="model.precision")
-    ap.add_argument("--mode", choices=["score", "generate"], help="prompt.answer_mode")
+    ap.add_argument("--mode", choices=ANSWER_MODES, help="prompt.answer_mode")
     ap.add_argument("--output-dir", help="output_dir")
     ap.add_argument("--run-name", help="run_name")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device")

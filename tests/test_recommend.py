@@ -75,7 +75,8 @@ def test_persisted_candidates_match_evaluation(comp, compile_mode):
         assert all(x["title"] == comp.builder.titles[ds.item_ids.index(x["item"])] for x in r["recommendations"])
         assert 0 < sum(x["prob"] for x in r["recommendations"]) <= 1.0 + 1e-5
         L = int(te.lengths[i])
-        assert r["history"] == [ds.item_ids[int(h)] for h in te.histories[i, :L]]
+        assert [x["item"] for x in r["history"]] == [ds.item_ids[int(h)] for h in te.histories[i, :L]]
+        assert [x["title"] for x in r["history"]] == [ds.item_text["title"][int(h)] for h in te.histories[i, :L]]
 
 
 def test_all_unseen_candidates(comp):
@@ -91,7 +92,7 @@ def test_all_unseen_candidates(comp):
         seen = {ds.item_ids[int(i)] for i in ds.sequences[u]}
         got = [x["item"] for x in r["recommendations"]]
         assert len(set(got)) == 8 and not (set(got) & seen)
-        assert r["history"] == [ds.item_ids[int(i)] for i in ds.sequences[u][-5:]]  # full history, newest 5
+        assert [x["item"] for x in r["history"]] == [ds.item_ids[int(i)] for i in ds.sequences[u][-5:]]  # full history, newest 5
     with pytest.raises(ValueError, match="n_candidates"):
         list(recommend(comp, users, candidates="all-unseen", n_unseen=5, progress=False))
     with pytest.raises(ValueError, match="top-k"):

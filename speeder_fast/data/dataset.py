@@ -96,6 +96,24 @@ class PreparedData:
     def split(self, name: str) -> SplitArrays:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
+    def with_sequence_windows(self, max_history: int, max_train_examples: int = 0) -> "PreparedData":
+        """This data with ``train`` rebuilt as SASRec-style sequence windows (``answer_mode=item``).
+
+        Each user's training prefix (``sequences[u][:-2]``) is cut, from its end, into windows of up
+        to ``max_history`` history items + one target that overlap by one item, so that with
+        all-position training every prefix position ``>= 1`` is a target exactly once (see
+        :func:`speeder_fast.data.splits.leave_one_out`, ``train_stride=max_history``).
+        ``max_train_examples > 0`` keeps the most recent windows. Valid/test rows and candidates
+        are unchanged.
+        """
+        import dataclasses
+
+        from speeder_fast.data.splits import leave_one_out
+
+        flat, offsets = self.dataset.flat()
+        train, _, _ = leave_one_out(flat, offsets, max_history, max_train_examples, train_stride=max_history)
+        return dataclasses.replace(self, train=train)
+
     def stats(self) -> dict:
         """Users, items, interactions, density, sequence lengths, split sizes, text coverage
         (see :func:`speeder_fast.data.stats.compute_stats`; ``format_stats`` prints it)."""

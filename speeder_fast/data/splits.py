@@ -40,15 +40,22 @@ def gather_windows(flat: np.ndarray, users: np.ndarray, starts: np.ndarray, ends
 
 
 def leave_one_out(flat: np.ndarray, offsets: np.ndarray, max_history: int,
-                  max_train_examples: int = 0) -> tuple[SplitArrays, SplitArrays, SplitArrays]:
+                  max_train_examples: int = 0, train_stride: int = 1) -> tuple[SplitArrays, SplitArrays, SplitArrays]:
     """``(train, valid, test)`` from flat chronological items and ``[n_users+1]`` offsets.
 
-    Every user must have at least 3 events. ``max_train_examples > 0`` keeps the most recent
-    windows: examples are ranked by their distance from the end of their user's training prefix
-    (0 = the last window), ties by user order, and the ``n`` smallest kept, in the original order.
+    Every user must have at least 3 events. Training targets are prefix positions ``t`` with
+    ``(L - 3 - t) % train_stride == 0`` (counted back from the last one): ``train_stride=1`` gives
+    one sliding window per target; ``train_stride=max_history`` gives the SASRec-style *sequence
+    windows* of the next-item head (``answer_mode=item``): windows of up to ``max_history + 1``
+    items that share one item, so every prefix position ``>= 1`` is predicted exactly once by some
+    position of some window. ``max_train_examples > 0`` keeps the most recent windows: examples
+    are ranked by their distance from the end of their user's training prefix (0 = the last
+    window), ties by user order, and the ``n`` smallest kept, in the original order.
     """
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
+    if train_stride < 1:
+        raise ValueError(f"train_stride must be >= 1, got {train_stride}")
     flat = np.asarray(flat, dtype=np.int64)
     starts = offsets[:-1].astype(np.int64)
     lengths = np.diff(offsets).astype(np.int64)
@@ -62,12 +69,12 @@ def leave_one_out(flat: np.ndarray, offsets: np.ndarray, max_history: int,
     valid = gather_windows(flat, uid, starts, ends - 2, max_history)
 
     n_tr = np.maximum(lengths - 3, 0)  # targets at prefix positions 1..L-3
-    tu = np.repeat(uid, n_tr)
-    first = seq_offsets(n_tr)
-    pos_in_user = np.arange(tu.shape[0], dtype=np.int64) - first[tu]  # 0..n_tr-1
-    t_ends = starts[tu] + 1 + pos_in_user
+    n_win = -(-n_tr // train_stride)  # windows per user (ceil)
+    tu = np.repeat(uid, n_win)
+    j = np.arange(tu.shape[0], dtype=np.int64) - seq_offsets(n_win)[tu]  # window index, oldest first
+    from_end = n_win[tu] - 1 - j  # 0 = the user's last window
+    t_ends = starts[tu] + 1 + (n_tr[tu] - 1 - from_end * train_stride)
     if 0 < max_train_examples < tu.shape[0]:
-        from_end = n_tr[tu] - 1 - pos_in_user
         order = np.lexsort((tu, from_end))  # by distance from end, then user
         sel = np.sort(order[:max_train_examples])
         tu, t_ends = tu[sel], t_ends[sel]

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.dataset import PreparedData
-from ..metrics import rank_of_target, ranking_metrics
+from ..metrics import full_ranks, rank_of_target, ranking_metrics
 from ..utils import atomic_save_safetensors, get_logger, seed_everything
 
 log = get_logger("speeder_fast.features.sasrec")
@@ -257,12 +257,9 @@ def evaluate(model: SASRec, es: _EvalSet, device: torch.device, batch_size: int 
             ranks_cand.append(rank_of_target(scores.gather(1, cand), cidx, check=False).cpu())
         if exclude_history:
             a, b = es.hist_offsets[s], es.hist_offsets[e]
-            rows = torch.from_numpy(es.hist_rows[a:b] - s).to(device)
-            items = torch.from_numpy(es.hist_items[a:b]).to(device)
-            tscore = scores.gather(1, tgt[:, None])
-            scores.index_put_((rows, items), torch.tensor(float("-inf"), device=device))
-            scores.scatter_(1, tgt[:, None], tscore)  # the target is never excluded
-        ranks_full.append(rank_of_target(scores, tgt, check=False).cpu())
+            ranks_full.append(full_ranks(scores, tgt, es.hist_rows[a:b] - s, es.hist_items[a:b]).cpu())
+        else:
+            ranks_full.append(rank_of_target(scores, tgt, check=False).cpu())
     out = {"full": ranking_metrics(torch.cat(ranks_full))}
     if with_history_variant:
         out["full_with_history"] = ranking_metrics(torch.cat(ranks_hist))

@@ -15,6 +15,7 @@ it is needed (answer positions), never to every prompt position:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from speeder_fast.config import ModelConfig
 from speeder_fast.utils import get_logger
 
+from .item_head import ItemHead, chunked_softmax_ce, sampled_softmax_ce
 from .loss import answer_token_loss, label_logits
 from .mome import MoME
 from .positions import SPAE
@@ -157,6 +159,34 @@ def embedding_rms(llm: nn.Module) -> float:
     return float(w.pow(2).mean(1).sqrt().mean())
 
 
+class ItemLossSettings:
+    """How the next-item head is trained (``train.item_*``): full or sampled softmax.
+
+    Args:
+        sampled: use the sampled softmax (else the exact full softmax, chunked).
+        chunk: catalogue items per logit chunk of the full softmax.
+        negatives: S, negatives drawn per step (sampled softmax).
+        proposal: None (uniform over the catalogue) or fp32 ``[n_items]`` sampling weights (e.g.
+            training counts + 1); normalised here.
+        all_positions: train every history line end (else only the answer position).
+    """
+
+    def __init__(self, sampled: bool = False, chunk: int = 16384, negatives: int = 8192,
+                 proposal: torch.Tensor | None = None, all_positions: bool = True) -> None:
+        self.sampled, self.chunk, self.negatives, self.all_positions = bool(sampled), int(chunk), int(negatives), bool(all_positions)
+        self.proposal = None if proposal is None else (proposal.double() / proposal.double().sum()).float()
+
+    def sample(self, n_items: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(negatives int64 [S], log Q fp32 [S])`` drawn with replacement (global torch RNG)."""
+        S = self.negatives
+        if self.proposal is None:
+            neg = torch.randint(0, n_items, (S,), device=device)
+            return neg, torch.full((S,), -math.log(n_items), device=device)
+        p = self.proposal.to(device)
+        neg = torch.multinomial(p, S, replacement=True)
+        return neg, p.index_select(0, neg).log()
+
+
 class SpeederRecModel(nn.Module):
     """LLM + (optional) MoME + (optional) SPAE; the recommender used for training and evaluation.
 
@@ -165,11 +195,18 @@ class SpeederRecModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, mome: MoME | None = None, positions: SPAE | None = None,
-                 packing: str = "auto") -> None:
+                 packing: str = "auto", item_head: ItemHead | None = None) -> None:
         super().__init__()
         self.llm = llm
         self.mome = mome
         self.positions = positions
+        #: next-item head (answer_mode=item); tied to ``mome``, which then must exist
+        self.item_head = item_head
+        if item_head is not None and mome is None:
+            raise ValueError("the next-item head scores items by their MRC vectors: it needs a MoME")
+        self.item_loss = ItemLossSettings()
+        self._keys_src: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None
         base = base_model(llm)
         self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
         self.lm_head = base.get_output_embeddings()
@@ -269,13 +306,18 @@ class SpeederRecModel(nn.Module):
         return type(self.lm_head) is nn.Linear and w is not None and w.is_floating_point() and not hooked
 
     def forward(self, batch: PromptBatch, label_loss: bool = False) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens (LM head applied at those positions only).
+        """Mean training loss of ``batch`` (the LM head / item head applied at answer rows only).
 
-        ``label_loss`` (score mode): cross-entropy over the ``N`` candidate label logits at the
-        answer position (exactly what :meth:`score` ranks) instead of the full vocabulary.
+        * item mode (the batch carries ``item_targets``, :attr:`item_head` set): cross-entropy of the
+          next-item head over the catalogue at every history line end (:meth:`item_loss_of`);
+        * ``label_loss`` (score mode): cross-entropy over the ``N`` candidate label logits at the
+          answer position (exactly what :meth:`score` ranks);
+        * otherwise the full-vocabulary cross-entropy over the answer tokens.
         """
         packed = self.uses_packing(batch)
         h = self.hidden_states(batch)
+        if self.item_head is not None:
+            return self.item_loss_of(h, batch, packed)
         if label_loss:
             return F.cross_entropy(self._label_logits(h, batch, packed), batch.target_idx)
         H = h.shape[-1]
@@ -296,13 +338,60 @@ class SpeederRecModel(nn.Module):
         return self._head(last).index_select(1, label_token_ids)
 
     def score(self, batch: PromptBatch) -> torch.Tensor:
-        """[B, N] logits of the candidate label tokens at each example's answer position.
+        """fp32 scores at each example's answer position: ``[B, N]`` candidate label-token logits
+        (score mode), or ``[B, n_items]`` next-item scores of the whole catalogue (item mode).
 
-        One decoder forward per batch; the head is applied at the answer position only, and only
-        for the label tokens. In eval mode under ``no_grad`` the MRC item tokens come from the
-        cached catalogue (:meth:`MoME.encode_catalog`, computed once).
+        One decoder forward per batch; the head is applied at the answer position only (and only
+        for the label tokens in score mode). In eval mode under ``no_grad`` the MRC item tokens come
+        from the cached catalogue (:meth:`MoME.encode_catalog`, computed once).
         """
-        return self._label_logits(self.hidden_states(batch), batch, self.uses_packing(batch))
+        h = self.hidden_states(batch)
+        last = h.reshape(-1, h.shape[-1]).index_select(0, self.answer_rows(batch, self.uses_packing(batch)))
+        return self.answer_scores(last, batch.label_token_ids)
+
+    def answer_scores(self, last: torch.Tensor, label_token_ids: torch.Tensor,
+                      item_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores from answer-position hidden states ``last [B, H]``: item scores ``[B, n_items]``
+        (item mode; ``item_keys`` defaults to :meth:`catalog_keys`) or label logits ``[B, N]``."""
+        if self.item_head is not None:
+            return self.item_head.scores(last, self.catalog_keys() if item_keys is None else item_keys)
+        return self.label_logits_at(last, label_token_ids)
+
+    # ------------------------------------------------------------------ next-item head
+    def item_keys_of(self, items: torch.Tensor) -> torch.Tensor:
+        """fp32 head vectors ``[U, H]`` of ``items`` (int64 ``[U]``), with gradient to the MoME."""
+        return self.item_head.keys(self.mome.encode(items))
+
+    @torch.no_grad()
+    def catalog_keys(self) -> torch.Tensor:
+        """fp32 head vectors of every item ``[n_items, H]`` from the cached MRC catalogue (recomputed
+        only when the catalogue is: after ``train()``, a stage change or loading weights)."""
+        src = self.mome.encode_catalog()
+        if src is not self._keys_src:
+            self._keys_src, self._keys = src, self.item_head.keys(src)
+        return self._keys
+
+    def item_loss_of(self, h: torch.Tensor, batch: PromptBatch, packed: bool) -> torch.Tensor:
+        """Next-item cross-entropy of hidden states ``h`` (any layout) for ``batch``.
+
+        Positions: ``batch.item_pos`` (every history line end, :attr:`ItemLossSettings.all_positions`)
+        or only the answer position. Loss: the chunked full softmax over the catalogue, or the
+        logQ-corrected sampled softmax (:class:`ItemLossSettings`; see :mod:`.item_head`).
+        """
+        st, head = self.item_loss, self.item_head
+        H = h.shape[-1]
+        if st.all_positions:
+            rows, targets = self.flat_rows(batch, batch.item_pos, packed), batch.item_targets
+        else:
+            rows, targets = self.answer_rows(batch, packed), batch.target_items
+        q = head.query(h.reshape(-1, H).index_select(0, rows))
+        n_items = self.mome.n_items
+        if not st.sampled:
+            keys = self.item_keys_of(torch.arange(n_items, device=q.device))
+            return chunked_softmax_ce(q, keys, head.item_bias(), targets, st.chunk)
+        neg, log_q = st.sample(n_items, q.device)
+        return sampled_softmax_ce(q, self.item_keys_of(targets), head.item_bias(targets), self.item_keys_of(neg),
+                                  head.item_bias(neg), log_q, targets, neg)
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -330,7 +419,7 @@ class SpeederRecModel(nn.Module):
         for n, p in self.llm.named_parameters():
             if "lora_" in n:
                 sd[f"llm.{n}"] = p.detach()
-        for prefix, mod in (("mome", self.mome), ("positions", self.positions)):
+        for prefix, mod in (("mome", self.mome), ("positions", self.positions), ("item_head", self.item_head)):
             if mod is not None:
                 for n, p in mod.named_parameters():
                     sd[f"{prefix}.{n}"] = p.detach()
@@ -350,6 +439,7 @@ class SpeederRecModel(nn.Module):
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
         if self.mome is not None:
             self.mome._catalog = None
+        self._keys_src = self._keys = None
 
 
 def match_generated(builder: PromptBuilder, generated: torch.Tensor, candidates: torch.Tensor) -> tuple[list[str], torch.Tensor]:

@@ -28,6 +28,7 @@ single token in the tokenizer, all labels fall back to added special tokens ``<|
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import string
 from dataclasses import dataclass, fields
@@ -76,6 +77,12 @@ class PromptBatch:
     label_token_ids: torch.Tensor  # int64 [N]
     prompt_tokens: torch.Tensor  # int64 [B]: prompt length without the answer
     history_lengths: torch.Tensor  # int64 [B]
+    # next-item head (answer_mode=item): flat positions b*L+p whose hidden state predicts an item, the
+    # items they predict (every history slot predicts the next history item, the last one the
+    # target), and each example's target item (-1 unknown); empty in the other answer modes
+    item_pos: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # int64 [P]
+    item_targets: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # int64 [P]
+    target_items: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # int64 [B]
     # padding-free form built on the host at build time (extras: input_ids is the packed row;
     # extras = (slot_item, slot_abs, slot_rel)); used by SpeederRecModel when packing is on
     packed: PackedBatch | None = None
@@ -185,8 +192,11 @@ class PromptBuilder:
         self.cfg = cfg
         self.paradigm = cfg.paradigm
         self.answer_mode = cfg.answer_mode
+        #: next-item head: no candidate list, no answer prefix; the hidden state at the end of each
+        #: history line predicts the next item (see :meth:`build`)
+        self.item_mode = cfg.answer_mode == "item"
         self.k = int(n_item_tokens)
-        self.n_candidates = int(n_candidates)
+        self.n_candidates = 0 if self.item_mode else int(n_candidates)
         self.max_history = int(max_history)
         self.added_tokens: list[str] = []
         self.eos_id = tokenizer.eos_token_id
@@ -198,10 +208,10 @@ class PromptBuilder:
 
         self.label_strings, self.label_ids = self._resolve_labels(cfg.labels)
         enc = self._encode
-        # static fragments
-        self.head_ids = enc(f"{cfg.system}\n{cfg.history_header}\n")
-        self.cand_head_ids = enc(f"{cfg.candidates_header}\n")
-        self.answer_prefix_ids = enc(cfg.answer_prefix)
+        # static fragments (item mode: its own instruction, no candidates block, no answer prefix)
+        self.head_ids = enc(f"{cfg.item_instruction if self.item_mode else cfg.system}\n{cfg.history_header}\n")
+        self.cand_head_ids = enc("" if self.item_mode else f"{cfg.candidates_header}\n")
+        self.answer_prefix_ids = enc("" if self.item_mode else cfg.answer_prefix)
         hist_pre, self.hist_post_ids = _split_template(cfg.history_item, ["item"], "history_item")
         self.hist_pre_ids = []
         for i in range(self.max_history):
@@ -318,6 +328,8 @@ class PromptBuilder:
         """
         histories = np.asarray(histories, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
+        if self.item_mode:
+            candidates = np.zeros((len(lengths), 0), np.int64)
         candidates = np.asarray(candidates, dtype=np.int64)
         if candidates.ndim != 2 or candidates.shape[1] != self.n_candidates:
             raise ValueError(f"candidates have shape {candidates.shape}, the builder was made for "
@@ -335,7 +347,7 @@ class PromptBuilder:
         cand_item = tab["title"][candidates].sum(1)
         out = (tab["fixed"] + tab["hist_pre_cum"][n_hist] + n_hist * tab["hist_post"]
                + np.where(soft, n_hist * self.k, hist_item) + np.where(soft, self.n_candidates * self.k, cand_item))
-        if with_answer:
+        if with_answer and not self.item_mode:  # item mode appends no answer tokens
             if self.answer_mode == "score":
                 out = out + 1
             else:
@@ -361,21 +373,30 @@ class PromptBuilder:
         Args:
             histories: int64 [B, H] item ids, oldest first, -1 padded on the right.
             lengths: int64 [B] history lengths.
-            candidates: int64 [B, N] item ids (label i <-> candidates[:, i]).
+            candidates: int64 [B, N] item ids (label i <-> candidates[:, i]); ignored (may be None)
+                in item mode, whose prompt lists no candidates.
             targets: int64 [B] target item ids (must appear in each candidate row); None when unknown
                 (then ``target_idx`` is -1 and no answer can be appended).
             with_answer: append the answer tokens (training); False for scoring/generation prompts.
+                In item mode nothing is appended: ``item_pos`` / ``item_targets`` list the end of
+                every history line (line ``i`` predicts history item ``i + 1``, the last line -- the
+                answer position -- predicts the target).
             text_only: bool [B]; for the ``speeder`` paradigm, examples written with titles instead of
                 soft tokens (MPO curriculum). Ignored for other paradigms.
             padding_side: 'right' (training/scoring) or 'left' (generation).
         """
         histories = np.asarray(histories, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
+        if self.item_mode:  # the prompt lists no candidates (evaluation ranks them from the catalogue scores)
+            candidates = np.zeros((len(lengths), 0), np.int64)
         candidates = np.asarray(candidates, dtype=np.int64)
         B, N = candidates.shape
         if N != self.n_candidates:
             raise ValueError(f"candidates have {N} columns, the builder was made for {self.n_candidates}")
-        if targets is not None:
+        target_items = np.full(B, -1, np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+        if self.item_mode:
+            target_idx = np.full(B, -1, np.int64)
+        elif targets is not None:
             hit = candidates == np.asarray(targets, dtype=np.int64)[:, None]
             if not np.all(hit.sum(1) == 1):
                 bad = int(np.flatnonzero(hit.sum(1) != 1)[0])
@@ -390,6 +411,7 @@ class PromptBuilder:
         k = self.k
 
         rows_ids, rows_item, rows_t, rows_abs, rows_rel, rows_ans = [], [], [], [], [], []
+        readouts: list[list[int]] = []  # item mode: in-row position of the end of each history line
         prompt_len = np.zeros(B, np.int64)
         for b in range(B):
             ids: list[np.ndarray] = [self.head_ids]
@@ -397,7 +419,10 @@ class PromptBuilder:
             ab: list[np.ndarray] = [it[0]]
             n_hist = int(min(lengths[b], self.max_history))
             hist = histories[b, int(lengths[b]) - n_hist : int(lengths[b])]
+            readouts.append([])
             for i, item in enumerate(hist):
+                if i:
+                    readouts[b].append(sum(len(x) for x in ids) - 1)
                 pre = self.hist_pre_ids[i]
                 ids.append(pre)
                 it.append(np.full(len(pre), -1, np.int64))
@@ -441,7 +466,7 @@ class PromptBuilder:
             ab.append(it[-1])
             row_ids = np.concatenate(ids)
             prompt_len[b] = len(row_ids)
-            if with_answer:
+            if with_answer and not self.item_mode:
                 if self.answer_mode == "score":
                     ans = self.label_ids[target_idx[b] : target_idx[b] + 1]
                 else:
@@ -472,9 +497,17 @@ class PromptBuilder:
         s_rel = np.full((B, L), -1, np.int64)
         answer_pos = np.zeros(B, np.int64)
         loss_pos, loss_tg = [], []
+        item_pos, item_tg = [], []
         for b in range(B):
             n = len(rows_ids[b])
             off = 0 if padding_side == "right" else L - n
+            if self.item_mode and with_answer and targets is not None:
+                # history line i (i < n-1) predicts history item i+1; the last line (the answer
+                # position) predicts the target
+                n_hist = int(min(lengths[b], self.max_history))
+                hist = histories[b, int(lengths[b]) - n_hist : int(lengths[b])]
+                item_pos.append(b * L + off + np.asarray(readouts[b] + [int(prompt_len[b]) - 1], np.int64))
+                item_tg.append(np.append(hist[1:], target_items[b]).astype(np.int64))
             sl = slice(off, off + n)
             input_ids[b, sl] = rows_ids[b]
             attn[b, sl] = 1
@@ -514,6 +547,9 @@ class PromptBuilder:
             label_token_ids=t(self.label_ids),
             prompt_tokens=t(prompt_len),
             history_lengths=t(np.minimum(lengths, self.max_history)),
+            item_pos=t(np.concatenate(item_pos) if item_pos else np.zeros(0, np.int64)),
+            item_targets=t(np.concatenate(item_tg) if item_tg else np.zeros(0, np.int64)),
+            target_items=t(target_items),
             packed=pack_numpy(np.asarray([len(r) for r in rows_ids], np.int64), L, padding_side,
                               input_ids, slot_item, s_abs, s_rel),
             right_padded=padding_side == "right",

@@ -66,7 +66,8 @@ def score_function(model: Any, compile_mode: str, device: torch.device | str, ba
 
 
 class StaticScorer:
-    """``scorer(batch) -> [B, N]`` float32 label logits, like ``model.score(batch)``, on static shapes.
+    """``scorer(batch) -> [B, N]`` float32 scores (label logits, or ``[B, n_items]`` item scores with the
+    next-item head), like ``model.score(batch)``, on static shapes.
 
     Args:
         model: a :class:`~speeder_fast.model.llm.SpeederRecModel` (put in eval mode by each call).
@@ -93,6 +94,7 @@ class StaticScorer:
         self._catalog_src: torch.Tensor | None = None
         self._catalog: torch.Tensor | None = None
         self.shapes_seen: set[tuple[int, int]] = set()
+        self._keys_marked: torch.Tensor | None = None
         fn: Callable[..., torch.Tensor] = self._forward
         if compile != "static":
             import torch._dynamo
@@ -127,7 +129,7 @@ class StaticScorer:
 
     def _forward(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                  slot_rel: torch.Tensor, answer_pos: torch.Tensor, label_ids: torch.Tensor,
-                 catalog: torch.Tensor | None) -> torch.Tensor:
+                 catalog: torch.Tensor | None, item_keys: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         if catalog is None:
             embeds = F.embedding(input_ids, m.embed.weight)
@@ -137,7 +139,7 @@ class StaticScorer:
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         Bs, Lb, H = h.shape
         rows = torch.arange(Bs, device=h.device) * Lb + answer_pos
-        return m.label_logits_at(h.reshape(-1, H).index_select(0, rows), label_ids)
+        return m.answer_scores(h.reshape(-1, H).index_select(0, rows), label_ids, item_keys)
 
     def padded_inputs(self, batch: Any, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
         """The fixed-shape inputs of rows ``start:stop`` of ``batch`` (at most ``batch_size`` rows)."""
@@ -170,6 +172,10 @@ class StaticScorer:
         self.model.eval()
         B = int(batch.input_ids.shape[0])
         cat = self.catalog() if batch.unique_items.numel() > 0 else None
+        keys = self.model.catalog_keys() if self.model.item_head is not None else None  # item mode: [n_items, H]
+        if keys is not None and self._cudagraphs and keys is not self._keys_marked:
+            torch._dynamo.mark_static_address(keys)  # cached between calls: no copy into the graph's buffer
+            self._keys_marked = keys
         outs = []
         for start in range(0, B, self.batch_size):
             inputs = self.padded_inputs(batch, start, start + self.batch_size)
@@ -177,5 +183,5 @@ class StaticScorer:
             if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             n = min(self.batch_size, B - start)
-            outs.append(self._fn(*inputs, cat)[:n].float().clone())  # clone: the next replay overwrites
+            outs.append(self._fn(*inputs, cat, keys)[:n].float().clone())  # clone: the next replay overwrites
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)

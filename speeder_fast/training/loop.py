@@ -47,7 +47,7 @@ from speeder_fast.errors import CheckpointError, NonFiniteLossError, NonFiniteMo
 from speeder_fast.utils import get_logger, seed_everything
 
 from .run import (FEATURES_FILE, Components, added_embedding_rows, build_components, load_features, make_run_dir,
-                  write_run_files)
+                  uses_mome, write_run_files)
 
 log = get_logger("speeder_fast.training")
 
@@ -56,7 +56,9 @@ def resolve_stages(cfg: Config, available: list[str]) -> list[StageConfig]:
     """The MPO stages to run, restricted to ``available`` modalities (empty ones dropped, logged)."""
     if cfg.prompt.paradigm != "speeder":
         st = cfg.train.stages[0] if cfg.train.stages else StageConfig()
-        return [dataclasses.replace(st, modalities=[], curriculum_ramp=0.0)]
+        # item mode: the next-item head's text-only MoME trains with LoRA
+        mods = ["text"] if cfg.prompt.answer_mode == "item" and "text" in available else []
+        return [dataclasses.replace(st, modalities=mods, curriculum_ramp=0.0)]
     stages = list(cfg.train.stages)
     if not stages:
         order = [m for m in cfg.features.modalities if m in available]
@@ -96,6 +98,8 @@ def set_trainable(comp: Components, stage: StageConfig, seen: set[str]) -> list[
         params += model.mome.shared_parameters()
     if model.positions is not None:
         params += list(model.positions.parameters())
+    if model.item_head is not None:
+        params += list(model.item_head.parameters())
     for p in params:
         p.requires_grad_(True)
     if not params:
@@ -249,9 +253,12 @@ class MicroBatches:
             return self.sampler.num_steps
         return len(self.plan(max(self.epoch, 0)))
 
-    def _candidates(self, epoch: int) -> np.ndarray:
+    def _candidates(self, epoch: int) -> np.ndarray | None:
+        """This epoch's training candidates (None in item mode: its prompts list no candidates)."""
         from speeder_fast.data import sample_train_candidates
 
+        if self.comp.builder.item_mode:
+            return None
         return sample_train_candidates(self.comp.prepared, epoch, self.comp.cfg.data.n_candidates,
                                        self.comp.cfg.data.seed)
 
@@ -353,7 +360,8 @@ class MicroBatches:
             if len(mine) < len(rows):  # padding example
                 mine = np.ones(len(rows))
             text_only = mine >= hybrid_share
-        batch = self.comp.builder.build(tr.histories[rows], tr.lengths[rows], self.cands[rows], tr.targets[rows],
+        cands = None if self.cands is None else self.cands[rows]
+        batch = self.comp.builder.build(tr.histories[rows], tr.lengths[rows], cands, tr.targets[rows],
                                         with_answer=True, text_only=text_only)
         return batch, sb.n_real * sb.loss_scale
 
@@ -385,7 +393,7 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     features = None
-    if resume and cfg.prompt.paradigm == "speeder" and (run_dir / FEATURES_FILE).is_file():
+    if resume and uses_mome(cfg) and (run_dir / FEATURES_FILE).is_file():
         features = load_features(run_dir / FEATURES_FILE)  # the exact features the run started with
     comp = build_components(cfg, run_dir=run_dir if main else None, progress=progress, prepared=prepared,
                             device=device_override, features=features)
@@ -408,12 +416,14 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
         log_json({"type": "eval", "tag": tag, "global_step": global_step,
                   **{k: v for k, v in res.items() if not isinstance(v, (dict, list))}})
         if main:
-            log.info("valid @ %s: VHR@1 %.4f  ValidRatio %.3f  NDCG@10 %s", tag, res.get("VHR@1", 0.0),
-                     res.get("ValidRatio", 0.0), f"{res['NDCG@10']:.4f}" if "NDCG@10" in res else "n/a")
+            log.info("valid @ %s: VHR@1 %.4f  ValidRatio %.3f  NDCG@10 %s%s", tag, res.get("VHR@1", 0.0),
+                     res.get("ValidRatio", 0.0), f"{res['NDCG@10']:.4f}" if "NDCG@10" in res else "n/a",
+                     f"  full HR@10 {res['full_HR@10']:.4f} NDCG@10 {res['full_NDCG@10']:.4f}"
+                     if "full_NDCG@10" in res else "")
         return res
 
-    def key_metric(res: dict) -> float:
-        return res.get("NDCG@10", res.get("VHR@1", 0.0))
+    def key_metric(res: dict) -> float:  # best checkpoint: full-ranking NDCG@10 (item), candidate NDCG@10, VHR@1
+        return res.get("full_NDCG@10", res.get("NDCG@10", res.get("VHR@1", 0.0)))
 
     stages = resolve_stages(cfg, comp.modalities)
     if main:

@@ -18,6 +18,7 @@ the frozen base model is re-loaded from ``model.llm``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -137,11 +138,15 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     """
     from speeder_fast.data import prepare
     from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms, load_llm, load_tokenizer
+    from speeder_fast.model.item_head import ItemHead
     from speeder_fast.utils import seed_everything
 
     seed_everything(cfg.seed)
     device = device or resolve_device(cfg.device)
     prepared = prepared if prepared is not None else prepare(cfg.data)
+    item_mode = cfg.prompt.answer_mode == "item"
+    if item_mode:  # all-position training: SASRec-style sequence windows instead of one window per target
+        prepared = prepared.with_sequence_windows(cfg.data.max_history, cfg.data.max_train_examples)
     tok = load_tokenizer(cfg.model.llm)
     if added_tokens:
         tok.add_tokens(list(added_tokens), special_tokens=True)
@@ -155,27 +160,63 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     mome = positions = None
     info: dict = {}
     mods: list[str] = []
-    if cfg.prompt.paradigm == "speeder":
+    if uses_mome(cfg):
         if features is None:
-            features, info = compute_features(cfg, prepared, llm, tok, device, run_dir, progress)
+            fcfg = cfg
+            if cfg.prompt.paradigm != "speeder":  # text paradigms: the head's item vectors come from text only
+                fcfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, modalities=["text"]))
+            features, info = compute_features(fcfg, prepared, llm, tok, device, run_dir, progress)
             if run_dir is not None:
                 save_features(run_dir / FEATURES_FILE, features)
         if not features:
-            raise ValueError(f"paradigm speeder: none of the modalities {cfg.features.modalities} has features "
-                             f"for dataset {prepared.dataset.name}")
+            raise ValueError(f"paradigm {cfg.prompt.paradigm}: none of the modalities {cfg.features.modalities} has "
+                             f"features for dataset {prepared.dataset.name}")
         mods = list(features)
         H = llm.get_input_embeddings().weight.shape[1]
         rms = embedding_rms(llm)
         torch.manual_seed(cfg.seed)
         mome = MoME(features, H, cfg.model.n_item_tokens, cfg.model.expert_hidden, cfg.model.per_token_gate, rms,
                     kernels_force=cfg.model.use_kernels)
-        positions = SPAE(H, cfg.model.max_positions, cfg.model.spae_absolute, cfg.model.spae_relative, init_std=0.1 * rms,
-                         kernels_force=cfg.model.use_kernels)
-    model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing)
-    if mome is not None:
-        mome.to(device)
-        positions.to(device)
+        if cfg.prompt.paradigm == "speeder":
+            positions = SPAE(H, cfg.model.max_positions, cfg.model.spae_absolute, cfg.model.spae_relative,
+                             init_std=0.1 * rms, kernels_force=cfg.model.use_kernels)
+    head = None
+    if item_mode:
+        mc = cfg.model
+        head = ItemHead(H, prepared.dataset.n_items, mc.head_similarity, mc.head_temperature, mc.head_projection,
+                        mc.head_item_bias)
+    model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing, item_head=head)
+    if item_mode:
+        model.item_loss = item_loss_settings(cfg, prepared)
+    for mod in (mome, positions, head):
+        if mod is not None:
+            mod.to(device)
     return Components(cfg, device, prepared, tok, builder, model, mods, info)
+
+
+def uses_mome(cfg: Config) -> bool:
+    """True when the run has a MoME: the speeder paradigm (soft tokens), or any paradigm with the
+    next-item head (its item vectors; text paradigms build a text-only MoME for it)."""
+    return cfg.prompt.paradigm == "speeder" or cfg.prompt.answer_mode == "item"
+
+
+def item_loss_settings(cfg: Config, prepared: PreparedData) -> Any:
+    """The :class:`~speeder_fast.model.llm.ItemLossSettings` of ``cfg.train`` for this catalogue
+    (``item_loss=auto``: the full softmax up to ``train.item_full_max`` items, else sampled)."""
+    from speeder_fast.evaluate import item_popularity
+    from speeder_fast.model.llm import ItemLossSettings
+
+    tc = cfg.train
+    n_items = prepared.dataset.n_items
+    sampled = tc.item_loss == "sampled" or (tc.item_loss == "auto" and n_items > tc.item_full_max)
+    proposal = None
+    if sampled and tc.item_sampling == "popularity":
+        proposal = torch.from_numpy(item_popularity(prepared) + 1.0)
+    st = ItemLossSettings(sampled, tc.item_logit_chunk, tc.item_negatives, proposal, tc.item_all_positions)
+    log.info("next-item head: %s over %d items%s", "sampled softmax" if sampled else "full softmax", n_items,
+             f" ({tc.item_negatives} {tc.item_sampling} negatives per step, logQ-corrected)" if sampled else
+             f" (logit chunks of {tc.item_logit_chunk})")
+    return st
 
 
 # ------------------------------------------------------------------------------ run files and checkpoints
@@ -214,7 +255,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
         raise FileNotFoundError(f"{ck} not found (available checkpoints: {avail})")
     adds = json.loads((run_dir / ADDITIONS_FILE).read_text()).get("added_special_tokens", []) if (run_dir / ADDITIONS_FILE).is_file() else []
     feats = None
-    if cfg.prompt.paradigm == "speeder":
+    if uses_mome(cfg):
         fp = run_dir / FEATURES_FILE
         if not fp.is_file():
             raise FileNotFoundError(f"{fp} missing: speeder runs store their item features there")

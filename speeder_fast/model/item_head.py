@@ -1,0 +1,211 @@
+"""Next-item head (``prompt.answer_mode = "item"``): the LLM hidden state scores the whole catalogue.
+
+The head is *tied* to the MoME that writes the input soft tokens: item ``i``'s output vector is
+the mean of its ``k`` MRC tokens (:meth:`MoME.encode`), so every item, seen in training or not,
+has a vector, and one forward pass plus one matmul against the cached catalogue ranks every item
+(every answer is a valid item). With ``cosine`` similarity (default)::
+
+    logit(h, i) = s * <normalize(W h), normalize(e_i)> + b_i        s = exp(log_scale), learned
+
+``W`` (``model.head_projection``) is a learned ``H x H`` map of the decoder's last hidden state,
+``s`` starts at ``1 / model.head_temperature`` and ``b`` (``model.head_item_bias``) is a learned
+per-item bias. ``dot`` similarity drops both normalisations and ``s``.
+
+Training (SASRec's objective, Kang & McAuley 2018): every history position predicts the next item
+with a softmax cross-entropy over the catalogue:
+
+* :func:`chunked_softmax_ce`: the exact full softmax, computed over catalogue chunks with an online
+  log-sum-exp and recomputed chunk by chunk in backward, so memory is ``positions x chunk``, never
+  ``positions x n_items`` (the pattern of Liger-Kernel's fused linear cross-entropy, here over item
+  vectors instead of the vocabulary);
+* :func:`sampled_softmax_ce`: sampled softmax with logQ correction (Bengio & Senecal 2008; Yi et al.,
+  RecSys 2019) for catalogues beyond ``train.item_full_max`` items: ``S`` negatives drawn with
+  replacement from a proposal ``Q`` and shared by all positions, logits corrected by
+  ``-log(S * Q_j)``, accidental hits of the target masked. As ``S`` grows the loss converges to the
+  full-softmax loss (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ItemHead", "chunked_softmax_ce", "sampled_softmax_ce", "full_softmax_ce_reference"]
+
+
+class ItemHead(nn.Module):
+    """Query projection, temperature and item bias of the next-item head.
+
+    Args:
+        hidden_size: H (LLM hidden size; the MRC item vectors have the same width).
+        n_items: catalogue size (rows of the item bias).
+        similarity: ``cosine`` | ``dot``.
+        temperature: initial temperature for ``cosine`` (``s = 1 / temperature``, learned).
+        projection: learn an ``H x H`` projection of the hidden state (identity at init).
+        item_bias: learn a per-item bias (zeros at init).
+    """
+
+    def __init__(self, hidden_size: int, n_items: int, similarity: str = "cosine", temperature: float = 0.07,
+                 projection: bool = True, item_bias: bool = True) -> None:
+        super().__init__()
+        if similarity not in ("cosine", "dot"):
+            raise ValueError(f"model.head_similarity: {similarity!r} is not cosine or dot")
+        if not temperature > 0:
+            raise ValueError(f"model.head_temperature must be > 0, got {temperature}")
+        self.similarity = similarity
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False) if projection else None
+        if self.proj is not None:
+            nn.init.eye_(self.proj.weight)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if similarity == "cosine" else None
+        self.bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
+
+    def query(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 queries ``[P, H]`` from hidden states ``h [P, H]`` (projected; normalised and scaled
+        by ``s`` for cosine), so that ``logits = query @ keys.T + bias``."""
+        q = h.float()
+        if self.proj is not None:
+            q = F.linear(q, self.proj.weight.float())
+        if self.similarity == "cosine":
+            q = F.normalize(q, dim=-1) * self.log_scale.exp()
+        return q
+
+    def keys(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """fp32 item vectors ``[N, H]`` from MRC tokens ``[N, k, H]`` (mean over the k tokens;
+        normalised for cosine)."""
+        e = item_tokens.float().mean(1)
+        return F.normalize(e, dim=-1) if self.similarity == "cosine" else e
+
+    def item_bias(self, items: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The bias of ``items`` (all items when None), or None without a bias."""
+        if self.bias is None:
+            return None
+        return self.bias if items is None else self.bias.index_select(0, items)
+
+    def scores(self, h: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` fp32 scores of the catalogue ``keys [N, H]`` for hidden states ``h [B, H]``."""
+        s = self.query(h) @ keys.t()
+        b = self.item_bias()
+        return s if b is None else s + b
+
+
+# --------------------------------------------------------------------------------------------- losses
+def full_softmax_ce_reference(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None,
+                              targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``softmax(q @ keys.T + bias)`` at ``targets``, materialising all logits
+    (the pure-torch reference :func:`chunked_softmax_ce` must match)."""
+    logits = q @ keys.t()
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits, targets)
+
+
+class _ChunkedSoftmaxCE(torch.autograd.Function):
+    """Full-softmax CE over catalogue chunks: forward keeps ``[P]`` log-sum-exps, backward recomputes
+    each chunk's probabilities (no ``[P, N]`` tensor is ever saved)."""
+
+    @staticmethod
+    def forward(ctx, q, keys, bias, targets, chunk: int):  # noqa: D401 - autograd API
+        P, N = q.shape[0], keys.shape[0]
+        m = q.new_full((P,), -math.inf)
+        s = q.new_zeros(P)
+        for a in range(0, N, chunk):
+            logits = q @ keys[a:a + chunk].t()
+            if bias is not None:
+                logits = logits + bias[a:a + chunk]
+            cm = logits.amax(1)
+            new_m = torch.maximum(m, cm)
+            s = s * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(1)
+            m = new_m
+        lse = m + torch.log(s)
+        tgt = (q * keys.index_select(0, targets)).sum(1)
+        if bias is not None:
+            tgt = tgt + bias.index_select(0, targets)
+        ctx.save_for_backward(q, keys, bias if bias is not None else q.new_zeros(0), targets, lse)
+        ctx.has_bias, ctx.chunk = bias is not None, int(chunk)
+        return (lse - tgt).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D401 - autograd API
+        q, keys, bias, targets, lse = ctx.saved_tensors
+        P, N, chunk = q.shape[0], keys.shape[0], ctx.chunk
+        g = grad_out / P
+        need_q, need_k, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        gq = torch.zeros_like(q) if need_q else None
+        gk = torch.zeros_like(keys) if need_k else None
+        gb = torch.zeros_like(bias) if need_b else None
+        rows = torch.arange(P, device=q.device)
+        for a in range(0, N, chunk):
+            kc = keys[a:a + chunk]
+            logits = q @ kc.t()
+            if ctx.has_bias:
+                logits = logits + bias[a:a + chunk]
+            p = torch.exp(logits - lse[:, None])  # softmax probabilities of this chunk
+            inside = (targets >= a) & (targets < a + kc.shape[0])
+            p[rows[inside], targets[inside] - a] -= 1.0  # d(lse - tgt)/d logit
+            p = p * g
+            if need_q:
+                gq += p @ kc
+            if need_k:
+                gk[a:a + chunk] = p.t() @ q
+            if need_b:
+                gb[a:a + chunk] = p.sum(0)
+        return gq, gk, gb, None, None
+
+
+def chunked_softmax_ce(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                       chunk: int = 16384) -> torch.Tensor:
+    """Mean full-softmax cross-entropy over the catalogue, ``chunk`` items at a time.
+
+    Args:
+        q: fp32 queries ``[P, D]`` (:meth:`ItemHead.query`).
+        keys: fp32 item vectors ``[N, D]`` (:meth:`ItemHead.keys`).
+        bias: fp32 ``[N]`` item bias, or None.
+        targets: int64 ``[P]`` item indices in ``0..N-1``.
+        chunk: items per logit chunk; catalogues of at most ``chunk`` items take the plain
+            (one-matmul) path, which equals the reference exactly.
+
+    Returns:
+        The scalar mean loss; gradients flow to ``q``, ``keys`` and ``bias``. Peak extra memory is
+        ``P x min(N, chunk)`` floats.
+    """
+    if q.shape[0] == 0:
+        return q.sum() * 0.0
+    if keys.shape[0] <= chunk:
+        return full_softmax_ce_reference(q, keys, bias, targets)
+    return _ChunkedSoftmaxCE.apply(q, keys, bias, targets, int(chunk))
+
+
+def sampled_softmax_ce(q: torch.Tensor, target_keys: torch.Tensor, target_bias: torch.Tensor | None,
+                       neg_keys: torch.Tensor, neg_bias: torch.Tensor | None, neg_log_q: torch.Tensor,
+                       targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax with logQ correction (negatives shared by all positions).
+
+    Args:
+        q: fp32 queries ``[P, D]``.
+        target_keys / target_bias: vectors ``[P, D]`` and bias ``[P]`` (or None) of each position's target.
+        neg_keys / neg_bias: vectors ``[S, D]`` and bias ``[S]`` (or None) of the sampled negatives.
+        neg_log_q: ``[S]`` log proposal probability of each negative, ``log Q_j``.
+        targets: int64 ``[P]`` target item ids; negatives: int64 ``[S]`` negative item ids (an
+            accidental hit, ``negatives[j] == targets[p]``, is masked for that position).
+
+    Returns:
+        ``mean_p( -l_t + log(exp(l_t) + sum_j exp(l_j - log(S * Q_j))) )``: the logQ-corrected
+        estimate of the full softmax loss (consistent as ``S`` grows: the sum over samples estimates
+        the partition function of the non-target items).
+    """
+    if q.shape[0] == 0:
+        return q.sum() * 0.0
+    S = negatives.shape[0]
+    pos = (q * target_keys).sum(1, keepdim=True)  # [P, 1]
+    if target_bias is not None:
+        pos = pos + target_bias[:, None]
+    neg = q @ neg_keys.t()  # [P, S]
+    if neg_bias is not None:
+        neg = neg + neg_bias
+    neg = neg - (neg_log_q + math.log(S))
+    neg = neg.masked_fill(negatives[None, :] == targets[:, None], -math.inf)
+    logits = torch.cat([pos, neg], 1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -1,0 +1,321 @@
+"""Next-item head (answer_mode=item): losses against references, full-ranking metrics against brute
+force, item-mode prompts, sequence windows, and a tiny model that fits a toy pattern."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from speeder_fast.data.splits import leave_one_out, seq_offsets
+from speeder_fast.metrics import full_ranks
+from speeder_fast.model.item_head import (ItemHead, chunked_softmax_ce, full_softmax_ce_reference,
+                                          sampled_softmax_ce)
+
+
+# ----------------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("n_items,chunk", [(1037, 100), (257, 256), (300, 7)])
+def test_chunked_softmax_equals_full_softmax_loss_and_grads(n_items, chunk, with_bias):
+    g = torch.Generator().manual_seed(n_items + chunk)
+    P, D = 37, 19
+    q0 = torch.randn(P, D, generator=g) * 2
+    k0 = torch.randn(n_items, D, generator=g)
+    b0 = torch.randn(n_items, generator=g) if with_bias else None
+    t = torch.randint(0, n_items, (P,), generator=g)
+    t[:3] = torch.tensor([0, n_items - 1, chunk % n_items])  # chunk edges
+
+    def run(fn):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        loss = fn(q, k, b, t)
+        loss.backward()
+        return loss.detach(), q.grad, k.grad, None if b is None else b.grad
+
+    ref = run(full_softmax_ce_reference)
+    got = run(lambda q, k, b, t: chunked_softmax_ce(q, k, b, t, chunk=chunk))
+    assert n_items > chunk  # the chunked path really ran
+    for a, b in zip(got, ref):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_softmax_small_catalogue_is_the_reference_path():
+    q, k, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 4, 2])
+    assert torch.equal(chunked_softmax_ce(q, k, None, t, chunk=5), full_softmax_ce_reference(q, k, None, t))
+    assert chunked_softmax_ce(q[:0], k, None, t[:0]).item() == 0.0
+
+
+@pytest.mark.parametrize("proposal", ["uniform", "popularity"])
+def test_sampled_softmax_with_logq_approaches_full_softmax(proposal):
+    g = torch.Generator().manual_seed(0)
+    N, P, D = 50, 64, 8
+    q = torch.randn(P, D, generator=g)
+    keys = torch.randn(N, D, generator=g)
+    bias = torch.randn(N, generator=g) * 0.5
+    t = torch.randint(0, N, (P,), generator=g)
+    full = float(full_softmax_ce_reference(q, keys, bias, t))
+    if proposal == "uniform":
+        probs = torch.full((N,), 1.0 / N)
+    else:
+        probs = torch.rand(N, generator=g) + 0.05
+        probs = probs / probs.sum()
+    errs = []
+    for S in (16, 256, 4096, 65536):
+        vals = []
+        for rep in range(4):
+            neg = torch.multinomial(probs, S, replacement=True, generator=g)
+            vals.append(float(sampled_softmax_ce(q, keys[t], bias[t], keys[neg], bias[neg], probs[neg].log(), t, neg)))
+        errs.append(abs(np.mean(vals) - full))
+    assert errs[-1] < 0.01 * full, (errs, full)
+    assert errs[-1] < errs[0] / 5  # converges as the sample grows
+
+
+def test_sampled_softmax_masks_accidental_hits():
+    q = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[5.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([0])
+    neg = torch.tensor([0, 0, 1])  # two draws of the target itself
+    lq = torch.full((3,), math.log(0.5))
+    loss = sampled_softmax_ce(q, keys[t], None, keys[neg], None, lq, t, neg)
+    # only the draw of item 1 counts: -5 + log(e^5 + e^(0 - log(3 * 0.5)))
+    expected = -5.0 + math.log(math.exp(5.0) + math.exp(-math.log(1.5)))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)  # fp32
+
+
+def test_item_head_cosine_scores_and_identity_projection():
+    head = ItemHead(4, 3, "cosine", temperature=0.5, projection=True, item_bias=True)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    h = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    tokens = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0]], [[0, 1.0, 0, 0], [0, 1.0, 0, 0]], [[-1.0, 0, 0, 0]] * 2])
+    s = head.scores(h, head.keys(tokens))
+    torch.testing.assert_close(s, torch.tensor([[2.0, 1.0, -3.0]]))  # cos * 2 + bias
+    dot = ItemHead(4, 3, "dot", projection=False, item_bias=False)
+    torch.testing.assert_close(dot.scores(h, dot.keys(tokens)), torch.tensor([[4.0, 0.0, -2.0]]))
+    with pytest.raises(ValueError, match="cosine or dot"):
+        ItemHead(4, 3, "l2")
+
+
+# ---------------------------------------------------------------------------------- full ranking
+def _brute_force_ranks(scores: np.ndarray, targets: np.ndarray, hists: list[list[int]]) -> np.ndarray:
+    out = []
+    for s, t, h in zip(scores, targets, hists):
+        excluded = set(h) - {int(t)}
+        out.append(sum(1 for i in range(len(s)) if i != t and i not in excluded and s[i] >= s[t]))
+    return np.asarray(out)
+
+
+def test_full_ranks_equal_brute_force_with_ties_and_repeats():
+    rng = np.random.default_rng(0)
+    n, N = 40, 23
+    scores = rng.integers(0, 5, size=(n, N)).astype(np.float32)  # many ties
+    targets = rng.integers(0, N, size=n)
+    hists = [list(rng.integers(0, N, size=rng.integers(0, 12))) for _ in range(n)]
+    hists[0] = hists[0] + [int(targets[0])] * 2  # the target repeated in the history stays ranked
+    rows = np.repeat(np.arange(n), [len(h) for h in hists])
+    items = np.concatenate([np.asarray(h, np.int64) for h in hists])
+    got = full_ranks(torch.from_numpy(scores), torch.from_numpy(targets), rows, items).numpy()
+    np.testing.assert_array_equal(got, _brute_force_ranks(scores, targets, hists))
+    flat = torch.zeros(1, 6)
+    assert full_ranks(flat, torch.tensor([2]), np.array([0]), np.array([4])).item() == 4  # pessimistic
+
+
+# ---------------------------------------------------------------------------------- data and prompts
+def test_sequence_windows_cover_every_prefix_position_once():
+    lengths = np.array([3, 4, 9, 15, 5])
+    flat = np.arange(lengths.sum())
+    off = seq_offsets(lengths)
+    for H in (1, 3, 4):
+        train, _, _ = leave_one_out(flat, off, H, train_stride=H)
+        sliding, _, _ = leave_one_out(flat, off, H)
+        for u, L in enumerate(lengths):
+            rows = np.flatnonzero(train.users == u)
+            covered = []
+            for r in rows:
+                h = train.histories[r, : train.lengths[r]]
+                assert len(h) <= H
+                covered += list(h[1:]) + [train.targets[r]]
+            prefix = flat[off[u]: off[u] + L - 2]
+            assert covered == list(prefix[1:])  # every prefix position >= 1, once, in order
+            assert len(rows) == -(-(L - 3) // H)
+        assert np.isin(train.targets, sliding.targets).all()
+    capped, _, _ = leave_one_out(flat, off, 3, max_train_examples=4, train_stride=3)
+    assert len(capped) == 4 and capped.users.tolist() == [1, 2, 3, 4]  # each user's newest window
+    with pytest.raises(ValueError, match="train_stride"):
+        leave_one_out(flat, off, 3, train_stride=0)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return tiny.make_llm_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.mark.parametrize("paradigm", ["speeder", "titles"])
+def test_item_prompts_have_no_candidates_and_predict_every_next_item(tok, prepared, paradigm):
+    from speeder_fast.config import PromptConfig
+    from speeder_fast.model import PromptBuilder
+
+    cfg = PromptConfig(paradigm=paradigm, answer_mode="item")
+    b = PromptBuilder(tok, prepared.dataset, cfg, 8, 5, n_item_tokens=2)
+    assert b.item_mode and b.n_candidates == 0 and len(b.label_ids) == 0
+    tr = prepared.with_sequence_windows(5).train
+    rows = np.arange(6)
+    batch = b.build(tr.histories[rows], tr.lengths[rows], None, tr.targets[rows])
+    text = b.render(batch, 0)
+    assert "Candidates" not in text and "Answer" not in text and cfg.item_instruction in text
+    assert torch.equal(batch.attention_mask.sum(1),
+                       torch.from_numpy(b.prompt_lengths(tr.histories[rows], tr.lengths[rows], None)))
+    L = batch.input_ids.shape[1]
+    expect_pos, expect_tg = [], []
+    for i in range(len(rows)):
+        n = int(tr.lengths[i])
+        hist = tr.histories[i, :n]
+        expect_tg += list(hist[1:]) + [tr.targets[i]]
+        # the answer position is the last prompt token; each history line ends before the next one
+        ends = [int(batch.answer_pos[i])]
+        assert int(batch.answer_pos[i]) == int(batch.attention_mask[i].sum()) - 1
+        expect_pos += [i * L + p for p in ends]
+    assert batch.item_targets.tolist() == expect_tg
+    assert set(expect_pos) <= set(batch.item_pos.tolist()) and len(batch.item_pos) == len(expect_tg)
+    per_row = np.bincount(batch.item_pos.numpy() // L, minlength=len(rows))
+    assert per_row.tolist() == tr.lengths[rows].tolist()
+    assert torch.equal(batch.target_items, torch.from_numpy(tr.targets[rows]))
+    if paradigm == "speeder":  # the line end after history item i is the token right after its k slots
+        for i in range(len(rows)):
+            pos = batch.item_pos[(batch.item_pos // L) == i] % L
+            slots = torch.nonzero(batch.slot_item[i] >= 0).flatten()
+            last_slot_of_item = slots.view(-1, 2)[:, -1]
+            assert torch.all(pos - last_slot_of_item == 1)  # "{item}\n": the newline reads out
+    ev = b.build(tr.histories[rows], tr.lengths[rows], None, tr.targets[rows], with_answer=False)
+    assert ev.item_pos.numel() == 0 and torch.equal(ev.input_ids, batch.input_ids)
+
+
+# ---------------------------------------------------------------------------------- model
+def _item_model(llm_dir, **loss_kw):
+    from speeder_fast.model.llm import ItemLossSettings, SpeederRecModel
+
+    cfg, prepared, builder, model = tiny.make_rec_model(llm_dir, mode="item", k=2, lora_b_noise=True)
+    head = ItemHead(64, prepared.dataset.n_items)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(prepared.dataset.n_items, generator=torch.Generator().manual_seed(3)) * 0.1)
+    m = SpeederRecModel(model.llm, model.mome, model.positions, item_head=head)
+    m.item_loss = ItemLossSettings(**loss_kw)
+    return prepared.with_sequence_windows(5), builder, m
+
+
+def test_item_loss_equals_hand_computation_and_is_the_same_chunked_and_packed(llm_dir):
+    prepared, builder, m = _item_model(llm_dir)
+    tr = prepared.train
+    batch = builder.build(tr.histories[:5], tr.lengths[:5], None, tr.targets[:5])
+    m.eval()  # no dropout; grads still flow
+    loss = m(batch)
+    h = m.hidden_states(batch).reshape(-1, 64)[batch.item_pos]
+    keys = m.item_head.keys(m.mome.encode(torch.arange(m.mome.n_items)))
+    hand = torch.nn.functional.cross_entropy(m.item_head.query(h) @ keys.t() + m.item_head.bias, batch.item_targets)
+    torch.testing.assert_close(loss, hand)
+    m.item_loss.chunk = 7  # 60 items in chunks of 7
+    torch.testing.assert_close(m(batch), hand, rtol=1e-5, atol=1e-6)
+    m.packing = True
+    torch.testing.assert_close(m(batch), hand, rtol=1e-4, atol=1e-5)
+    m.packing = False
+    m.item_loss.all_positions = False  # only the answer position
+    last = m.hidden_states(batch).reshape(-1, 64)[torch.arange(5) * batch.input_ids.shape[1] + batch.answer_pos]
+    only = torch.nn.functional.cross_entropy(m.item_head.query(last) @ keys.t() + m.item_head.bias,
+                                             torch.from_numpy(tr.targets[:5]))
+    torch.testing.assert_close(m(batch), only)
+
+
+def test_item_scores_rank_the_catalogue_and_static_scorer_matches(llm_dir):
+    from speeder_fast.model.static import StaticScorer
+
+    prepared, builder, m = _item_model(llm_dir)
+    m.eval()
+    te = prepared.test
+    batch = builder.build(te.histories[:7], te.lengths[:7], None, None, with_answer=False)
+    with torch.no_grad():
+        s = m.score(batch)
+        assert s.shape == (7, prepared.dataset.n_items) and s.dtype == torch.float32
+        static = StaticScorer(m, batch_size=4, length_multiple=16, compile="static")(batch)
+    torch.testing.assert_close(static, s, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_item_loss_runs_and_is_reproducible(llm_dir):
+    prepared, builder, m = _item_model(llm_dir, sampled=True, negatives=64,
+                                       proposal=torch.arange(1, 61, dtype=torch.float32))
+    tr = prepared.train
+    batch = builder.build(tr.histories[:4], tr.lengths[:4], None, tr.targets[:4])
+    torch.manual_seed(5)
+    a = m(batch)
+    a.backward()
+    assert m.item_head.log_scale.grad is not None and torch.isfinite(a)
+    torch.manual_seed(5)
+    assert torch.equal(m(batch), a)
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path, cache, monkeypatch):
+    """Next item = previous item + 1 (mod 30); with every transition in training, the item head
+    learns it: HR@1 = 1 on the persisted candidates and over the whole catalogue."""
+    from speeder_fast.config import StageConfig
+    from speeder_fast.evaluate import evaluate_run, evaluate_split
+    from speeder_fast.recommend import recommend
+    from speeder_fast.training import train
+    from speeder_fast.training.run import load_run
+
+    torch.set_num_threads(1)
+    prepared = tiny.make_prepared(n_users=60, n_items=30, n_candidates=8, max_history=5, seed=1)
+    cfg = tiny.train_config(llm_dir, tmp_path, "item")
+    cfg.prompt.answer_mode = "item"
+    cfg.features.modalities = ["text", "collab"]
+    cfg.features.sasrec_epochs = 2
+    cfg.features.sasrec_dim = 16
+    cfg.train.batch_size = 8
+    cfg.train.eval_max_examples = 20
+    cfg.train.stages = [StageConfig(modalities=["text", "collab"], epochs=1000, max_steps=400, lr=3e-3)]
+    res = train(cfg, progress=False, prepared=prepared)
+    comp = res.components
+    r = evaluate_split(comp.model, comp.builder, comp.prepared, "test", "item", 0, 16, device="cpu", progress=False)
+    assert r["HR@1"] == 1.0 and r["full_HR@1"] == 1.0, r
+    assert r["n"] == 60 and r["ValidRatio"] == 1.0
+    # the saved run gives the same numbers, and recommend ranks the catalogue without the history
+    result, sas, md = evaluate_run(res.run_dir, split="test", progress=False, prepared=prepared)
+    assert result["HR@1"] == 1.0 and result["full_NDCG@10"] == 1.0 and "full_NDCG@10" in md
+    assert sas is not None and "full_NDCG@10" in sas
+    loaded = load_run(res.run_dir, prepared=prepared)
+    users = [(None, loaded.prepared.dataset.user_ids[u], u) for u in range(5)]
+    recs = list(recommend(loaded, users, top_k=3, progress=False))
+    for rec, (_, _, u) in zip(recs, users):
+        seq = loaded.prepared.dataset.sequences[u]
+        assert rec["recommendations"][0]["item"] == str((int(seq[-1]) + 1) % 30)  # the pattern continues
+        assert not {x["item"] for x in rec["recommendations"]} & {str(i) for i in seq}
+        assert [h["item"] for h in rec["history"]] == [str(i) for i in seq[-5:]]
+    # the CLI: item-mode runs rank the whole catalogue by default, for every user
+    import json
+
+    import speeder_fast.training.run as run_mod
+    from speeder_fast.recommend import main as recommend_main
+
+    orig = run_mod.load_run
+    monkeypatch.setattr(run_mod, "load_run", lambda *a, **k: orig(*a, prepared=prepared, **k))
+    out = tmp_path / "recs.jsonl"
+    assert recommend_main(["--run", str(res.run_dir), "--users", "all", "--top-k", "31", "--out", str(out)]) == 2
+    assert recommend_main(["--run", str(res.run_dir), "--users", "all", "--top-k", "2", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["user"] for x in lines] == loaded.prepared.dataset.user_ids
+    assert lines[0]["recommendations"] == recs[0]["recommendations"][:2]
+    assert recommend_main(["--run", str(res.run_dir), "--users", "all", "--top-k", "2", "--candidates", "persisted",
+                           "--out", str(out)]) == 0
+    top = [json.loads(x)["recommendations"][0]["item"] for x in out.read_text().splitlines()]
+    assert top == [str(i) for i in prepared.test.targets]  # HR@1 = 1 on the persisted candidates too
