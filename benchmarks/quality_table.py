@@ -1,0 +1,164 @@
+"""The quality table: one recipe, several rows, the same users, candidates and seeds.
+
+    python benchmarks/quality_table.py --dataset ml-100k --out runs/quality/ml [--rows ROW ...] [--list]
+    python benchmarks/quality_table.py --dataset amazon-office --out runs/quality/office
+
+Every row is one ``python -m speeder_fast.train`` run (a subprocess, so each row gets a fresh
+process and its own wall time) with the dataset's shared settings plus the row's own ``--set``
+overrides; it trains, evaluates the test split on the same seeded users (``eval.max_examples``) and
+the persisted candidates, and writes ``eval_test_<mode>.json`` into ``OUT/<row>/``. The reference
+rows (SASRec, popularity) come from the first run that has them (same users, same candidates). The
+table (``OUT/quality.md`` + ``quality.json``) lists: HR@1 on the persisted candidates, full-catalogue
+HR@10 / NDCG@10 (history excluded), steps x batch, training / total wall time, tokens per prompt and
+the machine. Rows that already have a finished run in ``OUT`` are not run again (``--force`` reruns).
+
+Run nothing else heavy beside it: the wall times are only meaningful on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFICE = str(ROOT.parent / "shared" / "data" / "amazon-office")
+
+
+def _stages(*stages: tuple[list[str], int]) -> str:
+    return "train.stages=" + json.dumps([{"modalities": m, "max_steps": n, "lr": LR} for m, n in stages])
+
+
+LR = 1e-3
+#: the recipe shared by every dataset (one recipe: nothing here is tuned per dataset)
+RECIPE = ["prompt.answer_mode=item", "train.batch_size=16", "model.lora_dropout=0.0", "train.eval_every=100",
+          "train.eval_max_examples=200", "eval.max_examples=200", "features.sasrec_epochs=200"]
+
+#: per dataset: the source, the shared settings and the step budget of the main rows
+DATASETS: dict[str, dict] = {
+    "ml-100k": {"source": "ml-100k", "sets": ["data.max_users=300", "data.max_train_examples=0"], "steps": 300},
+    "ml-100k-large": {"source": "ml-100k", "sets": ["data.max_train_examples=0"], "steps": 600},
+    "amazon-office": {"source": OFFICE, "sets": ["data.max_train_examples=0"], "steps": 600},
+}
+
+
+def rows_for(steps: int) -> dict[str, list[str]]:
+    """Row name -> ``--set`` overrides (on top of the dataset settings and :data:`RECIPE`)."""
+    half = steps // 2
+    speeder = ["prompt.paradigm=speeder"]
+    return {
+        "speeder-item": speeder + [_stages((["text"], half), (["text", "collab"], steps - half))],
+        "speeder-item-collab": speeder + ['features.modalities=["collab"]', _stages((["collab"], steps),)],
+        "speeder-item-text": speeder + ['features.modalities=["text"]', _stages((["text"], steps),)],
+        "speeder-item-joint": speeder + [_stages((["text", "collab"], steps),)],
+        "speeder-item-collab-first": speeder + [_stages((["collab"], half), (["collab", "text"], steps - half))],
+        "speeder-item-no-spae": speeder + ["model.spae_absolute=false", "model.spae_relative=false",
+                                           _stages((["text"], half), (["text", "collab"], steps - half))],
+        "speeder-item-k2": speeder + ["model.n_item_tokens=2",
+                                      _stages((["text"], half), (["text", "collab"], steps - half))],
+        "speeder-item-h50": speeder + ["data.max_history=50",
+                                       _stages((["text"], half), (["text", "collab"], steps - half))],
+        "titles-item": ["prompt.paradigm=titles", _stages((["text"], steps),)],
+        "titles-label": ["prompt.paradigm=titles", "prompt.answer_mode=score", _stages((["text"], steps),)],
+        "speeder-label": speeder + ["prompt.answer_mode=score",
+                                    _stages((["text"], half), (["text", "collab"], steps - half))],
+        "verbose-label": ["prompt.paradigm=verbose", "prompt.answer_mode=score", "train.batch_size=4",
+                          _stages((["text"], max(1, steps // 4)),)],
+    }
+
+
+def run_row(name: str, sets: list[str], source: str, out: Path, force: bool) -> dict:
+    """Train + evaluate one row in a subprocess; returns its record (reads the run's JSON files)."""
+    run = out / name
+    if force or not (run / "FINISHED.json").is_file():
+        cmd = [sys.executable, "-m", "speeder_fast.train", "--preset", "none", "--data", source, "--output-dir",
+               str(out), "--run-name", name, "--no-progress"] + [a for s in sets for a in ("--set", s)]
+        print("$ " + " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        with open(out / f"{name}.log", "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            return {"row": name, "error": f"exit {rc}, see {out / (name + '.log')}"}
+        (run / "wall_seconds.json").write_text(json.dumps({"wall_s": wall, "cmd": cmd}))
+    ev = next(iter(sorted(run.glob("eval_test_*.json"))), None)
+    if ev is None:
+        return {"row": name, "error": "no eval_test_*.json"}
+    d = json.loads(ev.read_text())
+    summary = json.loads((run / "train_summary.json").read_text())
+    cfg_text = (run / "config.toml").read_text()
+    wall = json.loads((run / "wall_seconds.json").read_text()) if (run / "wall_seconds.json").is_file() else {}
+    batch = next((ln.split("=")[1].strip() for ln in cfg_text.splitlines() if ln.startswith("batch_size")), "?")
+    return {"row": name, "result": d["result"], "sasrec": d.get("sasrec"), "popularity": d.get("popularity"),
+            "steps": summary["steps"], "batch": batch, "train_s": summary["train_seconds"],
+            "wall_s": wall.get("wall_s"), "cmd": wall.get("cmd"), "threads": summary.get("torch_threads")}
+
+
+def _f(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+
+def table(records: list[dict], machine: str) -> str:
+    head = ("| row | n | HR@1 (20 cand.) | NDCG@10 (20 cand.) | full HR@10 | full NDCG@10 | steps x batch | "
+            "train s | wall s | tokens/prompt |")
+    lines = [head, "|" + "---|" * 10]
+    ref = next((r for r in records if r.get("sasrec")), None)
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['row']} | error: {r['error']} |" + " |" * 8)
+            continue
+        m = r["result"]
+        lines.append(f"| {r['row']} | {m['n']} | {_f(m.get('HR@1'))} | {_f(m.get('NDCG@10'))} | "
+                     f"{_f(m.get('full_HR@10'))} | {_f(m.get('full_NDCG@10'))} | {r['steps']} x {r['batch']} | "
+                     f"{r['train_s']:.0f} | {_f(round(r['wall_s'])) if r.get('wall_s') else 'n/a'} | "
+                     f"{m.get('prompt_tokens_mean', 0):.1f} |")
+    if ref is not None:
+        for key, label in (("sasrec", "SASRec (collab encoder of the first row)"), ("popularity", "Popularity")):
+            m = ref[key]
+            lines.append(f"| {label} | {m['n']} | {_f(m.get('HR@1'))} | {_f(m.get('NDCG@10'))} | "
+                         f"{_f(m.get('full_HR@10'))} | {_f(m.get('full_NDCG@10'))} | - | - | - | - |")
+    return "\n".join(lines) + f"\n\nMachine: {machine}.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    ap.add_argument("--out", required=True, help="folder for the runs and the table")
+    ap.add_argument("--rows", nargs="*", default=None, help="row names (default: all; --list shows them)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of the main rows (default per dataset)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every row")
+    ap.add_argument("--force", action="store_true", help="rerun rows that already finished")
+    ap.add_argument("--list", action="store_true", help="print the rows and their settings, exit")
+    args = ap.parse_args(argv)
+    ds = DATASETS[args.dataset]
+    rows = rows_for(args.steps or ds["steps"])
+    if args.list:
+        for k, v in rows.items():
+            print(k, " ".join(v))
+        return 0
+    names = args.rows or list(rows)
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        print(f"error: unknown rows {unknown} (known: {', '.join(rows)})", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [run_row(n, RECIPE + ds["sets"] + rows[n] + args.sets, ds["source"], out, args.force) for n in names]
+    import torch
+
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{records[0].get('threads', '?')} torch threads, {platform.node()}")
+    md = table(records, machine)
+    (out / "quality.md").write_text(md)
+    (out / "quality.json").write_text(json.dumps(records, indent=1, default=str))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
