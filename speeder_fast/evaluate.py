@@ -351,21 +351,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="score mode on static shapes, compiled (reduce-overhead = CUDA graphs); "
                          "default: eval.compile of the run (off unless set)")
     args = ap.parse_args(argv)
-    if not Path(args.run).is_dir():
-        print(f"error: run folder {args.run} does not exist", file=sys.stderr)
-        return 2
-    from speeder_fast.config import ConfigError
-    from speeder_fast.errors import SpeederError
+    from speeder_fast.errors import UsageError, run_cli
 
-    try:
+    def body() -> int:
+        if not Path(args.run).is_dir():
+            raise UsageError(f"--run {args.run}: run folder does not exist")
         _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
                                 args.device, compile_mode=args.compile)
-    except (ConfigError, SpeederError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(md)
-    print(f"written to {Path(args.run).resolve()}")
-    return 0
+        print(md)
+        print(f"written to {Path(args.run).resolve()}")
+        return 0
+
+    return run_cli(body)  # one error: line; 2 bad input, 3 out of memory
 
 
 if __name__ == "__main__":
