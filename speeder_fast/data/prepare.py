@@ -251,6 +251,10 @@ def prepare(cfg: DataConfig) -> PreparedData:
         log.info("preparing %s -> %s", material["source"], out)
         transform = material["transform"]
         opts = material["options"]
+        if opts.get("drop_duplicates") and str(cfg.drop_duplicates).lower() == "auto":
+            log.info("data.drop_duplicates=auto is on for %s sources: exact repeats (same user, item and "
+                     "timestamp) are dropped and counted; --set data.drop_duplicates=off keeps them",
+                     material["format"])
         raw = read_dataset(Path(material["source"]), drop_duplicates=bool(opts.get("drop_duplicates", False)))
         if transform == "ml-100k":
             raw = movielens_text(raw)
