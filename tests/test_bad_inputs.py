@@ -4,6 +4,9 @@ Covers configs (``config.load_config``/``validate``), checkpoints (``checkpoint`
 environments (``distributed``), error helpers (``errors``), and the same failures end to end through
 the CLI (``python -m speeder_fast.train``): a malformed ``.inter`` with ``--prepare-only``, bad configs,
 ``--resume`` of corrupt checkpoints, a NaN loss (exit 4, last good checkpoint kept) and an OOM (exit 3).
+Issue 14 adds: the one error contract of every CLI (``errors.run_cli``), a too-small catalogue, TOML
+with a byte-order mark or a non-UTF-8 byte, ``--resume`` pointed at a checkpoint or a stray folder, and
+``metrics.jsonl`` cut back on resume (docs/production.md "Input faults" lists them all).
 """
 
 from __future__ import annotations
