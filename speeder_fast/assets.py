@@ -36,13 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .errors import AssetError, run_cli
 from .utils import cache_root, get_logger, sha256_file
 
 log = get_logger("speeder_fast.assets")
-
-
-class AssetError(RuntimeError):
-    """An offline asset could not be obtained or failed verification."""
 
 
 @dataclass(frozen=True)
@@ -499,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.model or args.data):
         args.model = args.data = True
-    try:
+
+    def body() -> int:
         if args.data:
             t0 = time.perf_counter()
             d = fetch_movielens_100k()
@@ -510,10 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"model: {m} ({_dir_mb(m):.0f} MB, {time.perf_counter() - t0:.1f} s)", flush=True)
             if args.check:
                 print(f"sample: {sample_generation(m)!r}", flush=True)
-    except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_cli(body)  # AssetError: one error: line, exit 2
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ __all__ = [
     "optimizer_state_to_tensors", "load_optimizer_state", "state_to_tensors", "state_from_tensors",
     "capture_rng", "restore_rng", "trainable_state_dict", "load_trainable",
     "mark_finished", "is_finished", "finished_summary", "save_checkpoint", "load_checkpoint",
-    "verify_checkpoint",
+    "verify_checkpoint", "refuse_checkpoint_dir",
 ]
 
 FORMAT_VERSION = 1
@@ -702,6 +702,36 @@ class CheckpointManager:
         if errors:
             raise CheckpointError("no valid checkpoint in " + str(self.root) + ":\n  " + "\n  ".join(errors))
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# A checkpoint is never a run folder
+
+
+def refuse_checkpoint_dir(path: str | Path, what: str = "--resume") -> None:
+    """Raise :class:`CheckpointError` when ``path`` is a checkpoint or a run's ``checkpoints/`` folder.
+
+    A run writes ``config.toml``, ``metrics.jsonl``, ``checkpoints/`` ... into its folder, so a
+    checkpoint given where a run folder is expected (``--resume RUN/checkpoints/final``) would be
+    written into; this refuses it instead, naming the run folder to use. A checkpoint is a folder
+    holding ``MANIFEST.json`` (or, when that is lost, ``trainer_state.json`` or
+    ``trainable.safetensors``), which a run folder never holds.
+
+    Args:
+        path: the folder given as a run folder.
+        what: how the caller names the argument (``--resume``, ``--run``) in the message.
+    """
+    p = Path(path)
+    if p.name == "checkpoints" and (p.parent / "config.toml").is_file() and not (p / "config.toml").exists():
+        raise CheckpointError(f"{what} {p}: this is the checkpoints folder of run {p.parent}; use {what} {p.parent}")
+    if any((p / f).is_file() for f in (MANIFEST, TRAINER_STATE, WEIGHTS)):
+        if p.parent.name == "checkpoints":
+            where = f"its run folder {p.parent.parent}" + (f" with --checkpoint {p.name}" if what == "--run" else "")
+        else:
+            where = "the run folder that holds it"
+        verb = "resume" if what == "--resume" else "use"
+        raise CheckpointError(f"{what} {p}: this is a checkpoint, not a run folder (a run would write into it); "
+                              f"{verb} {where}")
 
 
 # --------------------------------------------------------------------------------------------------

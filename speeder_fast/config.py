@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from speeder_fast.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -42,6 +44,9 @@ class DataConfig:
                          "already filtered and item 5-core would drop 66% of amazon-office's events; use 5 "
                          "for raw Amazon dumps)")
     drop_consecutive_duplicates: bool = _f(False, "drop an event whose item equals the user's previous item")
+    drop_duplicates: str = _f("auto", "drop exact duplicate interactions (same user, item and timestamp, anywhere in "
+                              "the sequence; the first is kept, the count is in the statistics): auto (on for raw "
+                              "Amazon reviews, off for RecBole atomic files and ml-100k) | on | off")
     max_history: int = _f(10, "max history items per example (sliding-window length H)")
     n_candidates: int = _f(20, "candidates per evaluation example (target + N-1 never-interacted items)")
     seed: int = _f(42, "seed for candidate sampling (persisted) and training candidates (per epoch)")
@@ -193,10 +198,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key in the message."""
-
-
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Convert ``value`` (from TOML or a ``--set`` string) to the field type, or raise ConfigError."""
     if isinstance(typ, str):
@@ -278,12 +279,21 @@ def set_override(cfg: Config, assignment: str) -> None:
 
 
 def read_toml(path: str | Path) -> dict:
-    """Parse a TOML config file; a missing file or bad TOML is a ConfigError naming the file."""
+    """Parse a TOML config file (UTF-8; a byte-order mark is allowed); a missing file, bytes that are
+    not UTF-8 or bad TOML is a ConfigError naming the file (and the line)."""
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text())
+        raw = p.read_bytes()
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {p}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        obj = bytes(e.object)  # without the byte-order mark, which e.start is relative to
+        line = obj[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: byte 0x{obj[e.start]:02x} is not UTF-8 (save the file as UTF-8)") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from e
 
@@ -352,6 +362,8 @@ def validate(cfg: Config) -> None:
         errs.append(f"model.max_positions ({cfg.model.max_positions}) < data.max_history ({cfg.data.max_history})")
     if cfg.data.n_candidates < 2:
         errs.append("data.n_candidates must be >= 2")
+    if cfg.data.drop_duplicates not in ("auto", "on", "off"):
+        errs.append(f"data.drop_duplicates: {cfg.data.drop_duplicates!r} is not auto, on or off")
     if cfg.model.n_item_tokens < 1:
         errs.append("model.n_item_tokens must be >= 1")
     if cfg.train.score_loss not in ("labels", "vocab"):

@@ -39,6 +39,7 @@ from speeder_fast.data.dataset import PreparedData
 from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
 from speeder_fast.config import ANSWER_MODES, COMPILE_MODES
 from speeder_fast.metrics import FULL_HR_KS, FULL_NDCG_KS, full_ranks, hit_rate, ndcg, rank_of_target
+from speeder_fast.errors import UsageError
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("speeder_fast.evaluate")
@@ -140,9 +141,9 @@ def evaluate_split(
     from speeder_fast.model.llm import match_generated
 
     if mode not in ANSWER_MODES:
-        raise ValueError(f"mode must be one of {', '.join(ANSWER_MODES)}, got {mode!r}")
+        raise UsageError(f"mode must be one of {', '.join(ANSWER_MODES)}, got {mode!r}")
     if (mode == "item") != bool(getattr(builder, "item_mode", False)):
-        raise ValueError(f"mode {mode!r} does not fit a run trained with answer_mode={builder.answer_mode!r} "
+        raise UsageError(f"--mode {mode}: does not fit a run trained with prompt.answer_mode={builder.answer_mode} "
                          "(the next-item head is item mode only)")
     sa = prepared.split(split)
     cands = prepared.candidates(split)
@@ -412,21 +413,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="score mode on static shapes, compiled (reduce-overhead = CUDA graphs); "
                          "default: eval.compile of the run (off unless set)")
     args = ap.parse_args(argv)
-    if not Path(args.run).is_dir():
-        print(f"error: run folder {args.run} does not exist", file=sys.stderr)
-        return 2
-    from speeder_fast.config import ConfigError
-    from speeder_fast.errors import SpeederError
+    from speeder_fast.errors import UsageError, run_cli
 
-    try:
+    def body() -> int:
+        if not Path(args.run).is_dir():
+            raise UsageError(f"--run {args.run}: run folder does not exist")
         _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
                                 args.device, compile_mode=args.compile)
-    except (ConfigError, SpeederError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(md)
-    print(f"written to {Path(args.run).resolve()}")
-    return 0
+        print(md)
+        print(f"written to {Path(args.run).resolve()}")
+        return 0
+
+    return run_cli(body)  # one error: line; 2 bad input, 3 out of memory
 
 
 if __name__ == "__main__":

@@ -190,7 +190,10 @@ def _run_kernels(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if device.type == "cpu" and args.force == "triton":
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise SystemExit("profile kernels: --force triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+            from .errors import UsageError
+
+            raise UsageError("profile kernels: --force triton on CPU needs TRITON_INTERPRET=1 before triton is "
+                             "imported")
         os.environ.setdefault("TRITON_INTERPRET", "1")
     steps = _kernel_steps(args, device)
     for name, fn in steps:  # warm-up: Triton JIT compilation stays out of the trace
@@ -561,8 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: 0 ok, 2 bad input (one ``error:`` line), 3 out of memory
+    (:func:`~speeder_fast.errors.run_cli`)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from .errors import run_cli
+
+    return run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -44,22 +44,30 @@ import numpy as np
 import torch
 
 from speeder_fast.config import COMPILE_MODES
+from speeder_fast.data.readers import iter_text_lines
+from speeder_fast.errors import DataError, DataFormatError, UsageError, run_cli
 from speeder_fast.utils import atomic_write_text, get_logger
 
 log = get_logger("speeder_fast.recommend")
 
 
-class UsersFileError(ValueError):
+class UsersFileError(DataFormatError):
     """A bad line in the users file (message names the file and line)."""
 
 
 def read_users(path: str | Path, known: dict[str, int]) -> list[tuple[int, str, int]]:
-    """Parse a users file into ``[(line_no, raw_id, user_index)]``; unknown ids raise, naming the line."""
+    """Parse a users file (UTF-8, byte-order mark allowed) into ``[(line_no, raw_id, user_index)]``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UsersFileError: an unknown id or no id at all; DataFormatError: bytes that are not UTF-8
+            (both name the file and line).
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"users file {p} does not exist")
     out = []
-    for no, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for no, raw in iter_text_lines(p):
         uid = raw.strip()
         if not uid or uid.startswith("#"):
             continue
@@ -75,7 +83,7 @@ def unseen_candidates(seq: np.ndarray, n_items: int, n: int, seed: int, user: in
     """``n`` distinct items never in ``seq``, seeded by ``(seed, user)``."""
     pool = np.setdiff1d(np.arange(n_items), seq)
     if len(pool) < n:
-        raise ValueError(f"user index {user}: only {len(pool)} unseen items, {n} candidates requested")
+        raise DataError(f"user index {user}: only {len(pool)} unseen items, {n} candidates requested")
     return np.random.default_rng([seed, user]).choice(pool, n, replace=False).astype(np.int64)
 
 
@@ -110,10 +118,10 @@ def build_queries(comp: Any, users: list[tuple[int | None, str, int]], split: st
     item_mode = comp.builder.item_mode
     N = cfg.data.n_candidates
     if candidates == "all-unseen" and not item_mode and n_unseen != N:
-        raise ValueError(f"--candidates all-unseen {n_unseen}: this run's prompts have {N} candidate labels "
+        raise UsageError(f"--candidates all-unseen {n_unseen}: this run's prompts have {N} candidate labels "
                          f"(data.n_candidates); use all-unseen {N}")
     if candidates == "catalogue" and not item_mode:
-        raise ValueError("--candidates catalogue needs a run with the next-item head (prompt.answer_mode=item); "
+        raise UsageError("--candidates catalogue needs a run with the next-item head (prompt.answer_mode=item); "
                          "label-scoring runs rank a candidate list: use persisted or all-unseen N")
     cands = None if candidates == "catalogue" else np.zeros((n, n_unseen), np.int64)
     seen = []
@@ -148,7 +156,7 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
     hist, lens, cands, seen = build_queries(comp, users, split, candidates, n_unseen, seed)
     n_ranked = ds.n_items if cands is None else cands.shape[1]
     if not 1 <= top_k <= n_ranked:
-        raise ValueError(f"--top-k must be in 1..{n_ranked} (the number of ranked items), got {top_k}")
+        raise UsageError(f"--top-k must be in 1..{n_ranked} (the number of ranked items), got {top_k}")
     from speeder_fast.model.static import score_function
 
     model.eval()
@@ -200,20 +208,18 @@ def main(argv: list[str] | None = None) -> int:
                          "batches of one shape); default: eval.compile of the run (off unless set)")
     args = ap.parse_args(argv)
 
-    mode = args.candidates[0] if args.candidates else None
-    n_unseen = 0
-    if mode == "all-unseen" and len(args.candidates) == 2 and args.candidates[1].isdigit():
-        n_unseen = int(args.candidates[1])
-    elif not (mode is None or (mode in ("persisted", "catalogue") and len(args.candidates) == 1)):
-        print(f"error: --candidates must be 'catalogue', 'persisted' or 'all-unseen N', got "
-              f"{' '.join(args.candidates)!r}", file=sys.stderr)
-        return 2
-    if not Path(args.run).is_dir():
-        print(f"error: run folder {args.run} does not exist", file=sys.stderr)
-        return 2
-    from speeder_fast.training.run import load_run
+    def body() -> int:
+        mode = args.candidates[0] if args.candidates else None
+        n_unseen = 0
+        if mode == "all-unseen" and len(args.candidates) == 2 and args.candidates[1].isdigit():
+            n_unseen = int(args.candidates[1])
+        elif not (mode is None or (mode in ("persisted", "catalogue") and len(args.candidates) == 1)):
+            raise UsageError(f"--candidates must be 'catalogue', 'persisted' or 'all-unseen N', got "
+                             f"{' '.join(args.candidates)!r}")
+        if not Path(args.run).is_dir():
+            raise UsageError(f"--run {args.run}: run folder does not exist")
+        from speeder_fast.training.run import load_run
 
-    try:
         comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
         comp.model.set_packing(comp.cfg.train.packing)
         ds = comp.prepared.dataset
@@ -226,16 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         records = list(recommend(comp, users, args.top_k, args.split, mode, n_unseen, args.seed,
                                  args.batch_size or comp.cfg.eval.batch_size,
                                  compile_mode=args.compile or comp.cfg.eval.compile))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if args.out:
-        atomic_write_text(args.out, text)
-        print(f"{len(records)} users written to {Path(args.out).resolve()}")
-    else:
-        sys.stdout.write(text)
-    return 0
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if args.out:
+            atomic_write_text(args.out, text)
+            print(f"{len(records)} users written to {Path(args.out).resolve()}")
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    return run_cli(body)  # one error: line; 2 bad input (SpeederError only, not any ValueError), 3 out of memory
 
 
 if __name__ == "__main__":

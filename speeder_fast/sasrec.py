@@ -71,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: 0 ok, 2 bad input (one ``error:`` line), 3 out of memory
+    (:func:`~speeder_fast.errors.run_cli`)."""
     args = build_parser().parse_args(argv)
+    from .errors import run_cli
+
+    return run_cli(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     from .config import DataConfig
     from .data import prepare
     from .features.sasrec import SASRecConfig, default_threads, sasrec_item_embeddings, save_sasrec, train_sasrec

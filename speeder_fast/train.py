@@ -18,8 +18,9 @@ metrics table and the run folder are printed.
 Production use (docs/production.md): ``torchrun --standalone --nproc_per_node=N -m
 speeder_fast.train ...`` trains data-parallel (``train.batch_size`` is per process); ``--resume
 RUN_DIR`` continues an interrupted run from its newest valid checkpoint (exits 0 at once when the run
-had finished). Config, data and checkpoint problems print one ``error:`` line and exit 2; running
-out of GPU memory prints the settings to change and exits 3; a NaN/Inf loss exits 4.
+had finished; a checkpoint folder such as ``RUN/checkpoints/final`` is refused, naming RUN). Config,
+data and checkpoint problems print one ``error:`` line and exit 2; running out of GPU memory prints
+the settings to change and exits 3; a NaN/Inf loss exits 4 (``speeder_fast.errors.run_cli``).
 """
 
 from __future__ import annotations
@@ -133,44 +134,38 @@ def resolve_resume_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad input, 3 out of memory, 4 NaN/Inf loss)."""
+    """CLI entry point; returns the exit status (0 ok, 2 bad input, 3 out of memory, 4 NaN/Inf loss).
+
+    Errors follow the one contract of :func:`speeder_fast.errors.run_cli`: one ``error:`` (or
+    ``config error:``) line on stderr, no traceback.
+    """
     args = build_parser().parse_args(argv)
     if args.help_config:
         for key, default, help_ in describe_fields():
             print(f"{key} = {default}\n    {help_}")
         return 0
     from speeder_fast import distributed
-    from speeder_fast.data import DataFormatError
-    from speeder_fast.errors import NonFiniteLossError, SpeederError, friendly_oom, is_oom
+    from speeder_fast.errors import run_cli
 
-    cfg: Config | None = None
-    try:
+    resolved: list[Config] = []
+
+    def body() -> int:
         if args.resume:
-            from speeder_fast.checkpoint import finished_summary, is_finished
+            from speeder_fast.checkpoint import finished_summary, is_finished, refuse_checkpoint_dir
 
+            refuse_checkpoint_dir(args.resume, "--resume")  # RUN/checkpoints/final is not a run folder
             if is_finished(args.resume):
                 if int(os.environ.get("RANK", "0") or 0) == 0:
                     print(f"run {Path(args.resume).resolve()} has already finished; nothing to resume.\n"
                           f"summary: {finished_summary(args.resume)}")
                 return 0
-            cfg = resolve_resume_config(args)
+            resolved.append(resolve_resume_config(args))
         else:
-            cfg = resolve_config(args)
-        return _run(args, cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    except (SpeederError, DataFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, MemoryError) as e:
-        if is_oom(e):
-            print(friendly_oom(e, cfg), file=sys.stderr)
-            return 3
-        raise
+            resolved.append(resolve_config(args))
+        return _run(args, resolved[-1])
+
+    try:
+        return run_cli(body, config=lambda: resolved[-1] if resolved else None)
     finally:
         distributed.cleanup()
 

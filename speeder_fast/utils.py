@@ -104,5 +104,7 @@ def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but no CUDA device is available")
+        from speeder_fast.errors import ConfigError
+
+        raise ConfigError("device=cuda requested but no CUDA device is available (use device=auto or cpu)")
     return torch.device(name)

@@ -4,6 +4,9 @@ Covers configs (``config.load_config``/``validate``), checkpoints (``checkpoint`
 environments (``distributed``), error helpers (``errors``), and the same failures end to end through
 the CLI (``python -m speeder_fast.train``): a malformed ``.inter`` with ``--prepare-only``, bad configs,
 ``--resume`` of corrupt checkpoints, a NaN loss (exit 4, last good checkpoint kept) and an OOM (exit 3).
+Issue 14 adds: the one error contract of every CLI (``errors.run_cli``), a too-small catalogue, TOML
+with a byte-order mark or a non-UTF-8 byte, ``--resume`` pointed at a checkpoint or a stray folder, and
+``metrics.jsonl`` cut back on resume (docs/production.md "Input faults" lists them all).
 """
 
 from __future__ import annotations
@@ -440,3 +443,187 @@ def test_cli_out_of_memory_prints_friendly_message(tmp_path, monkeypatch, capsys
     assert main(["--output-dir", str(tmp_path), "--no-progress"]) == 3
     err = capsys.readouterr().err
     assert "train.batch_size" in err and "--set" in err and "Traceback" not in err, err
+
+
+# -------------------------------------------- issue 14: one error contract for every CLI, checkpoints never written
+
+
+def _small_catalogue(folder):
+    """10 items; each of 3 users interacted with 8 of them (what most of the catalogue means)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for u in range(3):
+        lines += [f"u{u}\ti{(u + j) % 10}\t{j}" for j in range(8)]
+    (folder / "small.inter").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_prepare_only_small_catalogue_one_error_line_exit_2(tmp_path, monkeypatch, capsys):
+    from speeder_fast.train import main
+
+    d = _small_catalogue(tmp_path / "d")
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    assert main(["--prepare-only", "--data", str(d), "--set", "data.user_kcore=0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: data.n_candidates=20 needs 19 never-interacted items per user")
+    assert "3 of 3 users have fewer" in err and "set data.n_candidates <= 3" in err
+    assert _files_under(tmp_path / "cache") == []
+
+
+def test_every_cli_maps_errors_to_the_same_exit_codes(tmp_path, monkeypatch, capsys):
+    """train, evaluate, recommend, sasrec, profile, assets: SpeederError -> 2 (one error: line), out of
+    memory -> 3, NaN -> 4; anything else is a bug and keeps its traceback (recommend no longer swallows
+    every ValueError)."""
+    import speeder_fast.evaluate as ev
+    import speeder_fast.recommend as rec
+    import speeder_fast.training.run as run_mod
+    from speeder_fast import profile, sasrec
+    from speeder_fast.data import DataFormatError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml_default())
+    (tmp_path / "users.txt").write_text("u\n")
+
+    def raising(exc):
+        def f(*a, **k):
+            raise exc
+        return f
+
+    cases = [
+        (ev, "evaluate_run", lambda: ev.main(["--run", str(run)])),
+        (run_mod, "load_run", lambda: rec.main(["--run", str(run), "--users", str(tmp_path / "users.txt")])),
+    ]
+    for mod, name, call in cases:
+        for exc, code in ((DataFormatError("x.inter:3: column 'item_id' is empty"), 2),
+                          (NonFiniteLossError(5, float("nan")), 4),
+                          (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"), 3)):
+            monkeypatch.setattr(mod, name, raising(exc))
+            assert call() == code, (name, exc)
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and err.startswith("error:" if code != 3 else "out of memory:"), err
+        monkeypatch.setattr(mod, name, raising(ValueError("a bug, not bad input")))
+        with pytest.raises(ValueError, match="a bug"):
+            call()
+    # the data problem for real, through sasrec and profile (each used to end in a traceback)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "b.inter").write_text("user_id:token item_id:token timestamp\nu i 1\n")
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    assert sasrec.main(["--data", str(bad), "--out", str(tmp_path / "sas"), "--device", "cpu"]) == 2
+    assert "b.inter:1: header: the line is separated by spaces, not tabs" in capsys.readouterr().err
+    assert profile.main(["train", "--data", str(bad), "--device", "cpu", "--out", str(tmp_path / "prof")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "b.inter:1" in err and "Traceback" not in err
+    assert not (tmp_path / "sas").exists() and not (tmp_path / "prof").exists()
+
+
+def test_error_hierarchy_keeps_value_error_where_callers_rely_on_it():
+    from speeder_fast.data import CatalogueTooSmallError, DataFormatError
+    from speeder_fast.errors import DataError, UsageError
+    from speeder_fast.recommend import UsersFileError
+
+    for cls in (ConfigError, DataFormatError, CatalogueTooSmallError, UsersFileError, DataError, UsageError):
+        assert issubclass(cls, SpeederError) and issubclass(cls, ValueError) and cls.exit_code == 2
+    assert NonFiniteLossError.exit_code == 4 and issubclass(CheckpointError, SpeederError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_config_error():
+    from speeder_fast.utils import resolve_device
+
+    with pytest.raises(ConfigError, match="device=cuda requested but no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_toml_with_bom_loads_and_a_bad_byte_names_the_line(tmp_path):
+    p = tmp_path / "excel.toml"
+    p.write_bytes(b"\xef\xbb\xbf[train]\r\nbatch_size = 4\r\n")
+    assert load_config(p).train.batch_size == 4
+    p.write_bytes(b"[prompt]\nsystem = \"caf\xe9\"\n")
+    with pytest.raises(ConfigError, match=r"excel\.toml:2: byte 0xe9 is not UTF-8"):
+        load_config(p)
+
+
+def _dead_end_config(root) -> Config:
+    """A valid config whose data and model do not exist: a run that got past a check fails at once
+    (instead of training the real default model)."""
+    cfg = Config()
+    cfg.data.source, cfg.model.llm = str(root / "no-such-data"), str(root / "no-such-model")
+    cfg.output_dir = str(root / "out")
+    return cfg
+
+
+def _run_with_checkpoint(root):
+    """A run folder (config.toml, tokenizer_additions.json, metrics.jsonl) with checkpoints step-2 and final."""
+    from speeder_fast.config import to_toml
+
+    run = root / "run"
+    run.mkdir(parents=True)
+    text = to_toml(_dead_end_config(root))
+    (run / "config.toml").write_text(text)
+    (run / "tokenizer_additions.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"type": "train", "global_step": s}) + "\n" for s in (1, 2)))
+    CheckpointManager(run).save(2, TrainState(step=2, weights={"w": torch.ones(2)}, rng=[capture_rng()],
+                                              config_text=text), aliases=("final",))
+    return run
+
+
+def _tree(p):
+    return sorted((str(f.relative_to(p)), f.stat().st_mtime_ns) for f in p.rglob("*"))
+
+
+@pytest.mark.parametrize("which", ["checkpoints/final", "checkpoints/step-00000002", "checkpoints"])
+def test_resume_pointed_at_a_checkpoint_is_refused_and_nothing_written(tmp_path, capsys, which):
+    from speeder_fast.train import main
+
+    run = _run_with_checkpoint(tmp_path)
+    before = _tree(run)
+    assert main(["--resume", str(run / which), "--no-progress", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    if which == "checkpoints":
+        assert f"this is the checkpoints folder of run {run}" in err, err
+    else:
+        assert "this is a checkpoint, not a run folder" in err and f"resume its run folder {run}" in err, err
+    assert _tree(run) == before  # no config.toml, metrics.jsonl or checkpoints/ inside the checkpoint
+
+
+def test_library_train_refuses_checkpoint_and_stray_folders(tmp_path):
+    """train(resume=True) itself: a checkpoint or a folder that is no run folder is refused before anything
+    is written (it used to log 'starting from scratch' and train there)."""
+    from speeder_fast.config import to_toml
+    from speeder_fast.training import train
+
+    cfg = _dead_end_config(tmp_path)
+    run = _run_with_checkpoint(tmp_path)
+    before = _tree(run)
+    for target in (run / "checkpoints" / "final", run / "checkpoints" / "step-00000002"):
+        with pytest.raises(CheckpointError, match="this is a checkpoint"):
+            train(cfg, run_dir=target, resume=True)
+    with pytest.raises(CheckpointError, match="this is a checkpoint"):
+        train(cfg, run_dir=run / "checkpoints" / "final", resume=False)
+    from speeder_fast.training.run import load_run  # evaluate / recommend --run
+
+    with pytest.raises(CheckpointError, match=f"use its run folder {run} with --checkpoint final"):
+        load_run(run / "checkpoints" / "final")
+    assert _tree(run) == before
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "config.toml").write_text(to_toml(cfg))
+    with pytest.raises(CheckpointError, match=r"not a speeder_fast run folder .*train with --config"):
+        train(cfg, run_dir=stray, resume=True)
+    assert sorted(p.name for p in stray.iterdir()) == ["config.toml"]
+
+
+def test_cut_metrics_log_keeps_records_up_to_the_checkpoint_step(tmp_path):
+    from speeder_fast.training.run import cut_metrics_log
+
+    recs = [{"type": "train", "global_step": s} for s in range(1, 7)] + [{"type": "eval", "global_step": 4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"type": "tr')
+    assert cut_metrics_log(tmp_path, 4) == 3  # steps 5, 6 and the half-written last line
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in kept] == [1, 2, 3, 4, 4]
+    assert cut_metrics_log(tmp_path, 4) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]  # no temp file left

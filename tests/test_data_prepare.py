@@ -136,7 +136,8 @@ def test_catalogue_too_small(tmp_path):
     folder.mkdir()
     rows = ["user_id:token\titem_id:token"] + [f"u\t{i}" for i in "abcd"] + ["v\ta", "v\tb", "v\te"]
     (folder / "tiny.inter").write_text("\n".join(rows) + "\n")
-    with pytest.raises(CatalogueTooSmallError, match="fewer never-interacted items"):
+    with pytest.raises(CatalogueTooSmallError, match=r"data\.n_candidates=3 needs 2 never-interacted items per user "
+                       r".*1 of 2 users have fewer.*set data\.n_candidates <= 2"):
         prepare(cfg_for(folder, tmp_path / "cache", n_candidates=3))  # u saw 4 of 5 items, needs 2
 
 
@@ -280,3 +281,85 @@ def test_real_amazon_beauty_5core_preserved(shared_data, tmp_path):
     np.testing.assert_array_equal(q.test_candidates, p.test_candidates)
     c = sample_train_candidates(p, epoch=0, n=20, seed=0)
     assert ((c == p.train.targets[:, None]).sum(1) == 1).all()
+
+
+# ------------------------------------------------------------------ issue 14: benchmark files, duplicates
+
+
+def test_benchmark_split_used_as_given_with_item_text_and_candidates(tmp_path):
+    """NAME.{train,valid,test}.inter: valid/test targets are the given rows (not a leave-one-out re-split of
+    the train file), item text comes from NAME.item, candidates are persisted as for any source."""
+    from test_data_readers import write_benchmark
+
+    folder = write_benchmark(tmp_path / "bench")
+    for src in (folder, folder / "bench.train.inter"):
+        p = prepare(cfg_for(src, tmp_path / "cache", n_candidates=2))
+        ids = p.dataset.item_ids
+        users = [p.dataset.user_ids[u] for u in p.test.users]
+        assert {u: ids[t] for u, t in zip(users, p.test.targets)} == {"u1": "e", "u2": "b", "u3": "b"}
+        assert {u: ids[t] for u, t in zip(users, p.valid.targets)} == {"u1": "d", "u2": "a", "u3": "a"}
+        train = {(p.dataset.user_ids[u], ids[t]) for u, t in zip(p.train.users, p.train.targets)}
+        assert train == {("u1", "c"), ("u1", "a"), ("u2", "d"), ("u3", "g"), ("u3", "h")}  # train rows only
+        assert p.dataset.item_text["title"] == [f"Title {i}" for i in ids]
+        assert p.manifest["split"] == "given (RecBole benchmark files)"
+        assert p.test_candidates.shape == (3, 2) and (Path(p.cache_dir) / "candidates.safetensors").is_file()
+        for row, t in zip(p.test_candidates, p.test.targets):
+            assert (row == t).sum() == 1
+    assert p.stats()["split"] == "given (RecBole benchmark files)"
+
+
+def test_benchmark_split_refuses_filters_that_move_targets(tmp_path):
+    from test_data_readers import write_benchmark
+
+    from speeder_fast.config import ConfigError
+
+    folder = write_benchmark(tmp_path / "bench")
+    with pytest.raises(ConfigError, match=r"benchmark split is used as given.*data\.item_kcore=2 \(set 0\)"):
+        prepare(cfg_for(folder, tmp_path / "cache", item_kcore=2, n_candidates=2))
+    with pytest.raises(ConfigError, match=r"data\.drop_duplicates=on"):
+        prepare(cfg_for(folder, tmp_path / "cache", drop_duplicates="on", n_candidates=2))
+    # whole users may go: u2 has 4 events, user_kcore=5 drops it; the others keep their split
+    p = prepare(cfg_for(folder, tmp_path / "cache", user_kcore=5, n_candidates=2))
+    assert p.dataset.user_ids == ["u1", "u3"]
+    assert [p.dataset.item_ids[int(t)] for t in p.test.targets] == ["e", "b"]
+
+
+def _amazon_with_repeated_reviews(folder: Path) -> Path:
+    """Amazon 2023 reviews where a crawl repeated review lines (same user, item, time), not adjacent."""
+    folder.mkdir()
+    rows = []
+    for u in range(6):
+        for j in range(5):
+            rows.append({"user_id": f"U{u}", "parent_asin": f"P{(u + j) % 30}", "timestamp": 1000 * j})
+    rows.append(dict(rows[4]))  # U0's last review again, at the end of the file
+    rows.insert(7, dict(rows[9]))  # U1's last review again, in the middle
+    (folder / "Cat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "meta_Cat.jsonl").write_text("".join(json.dumps({"parent_asin": f"P{i}", "title": f"T{i}"}) + "\n"
+                                                   for i in range(30)))
+    return folder
+
+
+def test_exact_duplicates_dropped_by_default_for_raw_amazon(tmp_path):
+    src = _amazon_with_repeated_reviews(tmp_path / "amz")
+    p = prepare(cfg_for(src, tmp_path / "cache", n_candidates=5))  # data.drop_duplicates = auto
+    s = p.stats()
+    assert s["exact_duplicates_dropped"] == 2 and s["interactions"] == 30
+    assert "exact_duplicates_dropped" in format_stats(s)
+    last_hist = p.test.histories[np.arange(len(p.test)), p.test.lengths - 1]
+    assert not (last_hist == p.test.targets).any()  # no test target repeats the last history item
+    off = prepare(cfg_for(src, tmp_path / "cache", n_candidates=5, drop_duplicates="off"))
+    assert off.stats()["exact_duplicates_dropped"] == 0 and off.stats()["interactions"] == 32
+    assert off.cache_dir != p.cache_dir
+    last_hist = off.test.histories[np.arange(len(off.test)), off.test.lengths - 1]
+    assert (last_hist == off.test.targets).sum() == 2  # what the option prevents
+
+
+def test_drop_duplicates_auto_is_off_for_atomic_files(tmp_path):
+    src = write_synthetic(tmp_path / "src")
+    rows = (src / "syn.inter").read_text().splitlines()
+    (src / "syn.inter").write_text("\n".join(rows + [rows[1]]) + "\n")  # an exact repeat of user0's first event
+    auto = prepare(cfg_for(src, tmp_path / "cache"))
+    assert auto.stats()["exact_duplicates_dropped"] == 0
+    on = prepare(cfg_for(src, tmp_path / "cache", drop_duplicates="on"))
+    assert on.stats()["exact_duplicates_dropped"] == 1
+    assert on.stats()["interactions"] == auto.stats()["interactions"] - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import json
 import logging
 from pathlib import Path
@@ -252,3 +253,154 @@ def test_detect_format_error_lists_what_it_looked_for(tmp_path):
         assert part in msg
     with pytest.raises(DataFormatError, match="no such file"):
         read_dataset(tmp_path / "missing")
+
+
+# ------------------------------------------------------------- files as people actually have them
+# (issue 14: each fixture is written by the test; no personal data)
+
+BOM = b"\xef\xbb\xbf"
+
+
+def write_bytes_lines(path: Path, lines: list[str], bom: bool = False, encoding: str = "utf-8") -> Path:
+    data = "".join(line + "\r\n" for line in lines).encode(encoding)  # Excel also writes CRLF
+    path.write_bytes((BOM if bom else b"") + data)
+    return path
+
+
+def test_bom_atomic_inter_and_item(tmp_path):
+    """An .inter/.item saved by Excel starts with EF BB BF: the first column is still user_id / item_id."""
+    write_bytes_lines(tmp_path / "x.inter", ["user_id:token\titem_id:token\ttimestamp:float",
+                                             "u\ti1\t1", "u\ti2\t2"], bom=True)
+    write_bytes_lines(tmp_path / "x.item", ["item_id:token\ttitle:token_seq", "i1\tCafé crème", "i2\tPen"], bom=True)
+    ds = read_dataset(tmp_path)
+    assert seqs_raw(ds) == {"u": ["i1", "i2"]}
+    assert ds.item_text["title"] == ["Café crème", "Pen"]
+
+
+@pytest.mark.parametrize("name,gz", [("Office.json", False), ("Office.json.gz", True), ("Office.jsonl", False),
+                                     ("Office.jsonl.gz", True)])
+def test_bom_raw_amazon_reviews_and_meta(tmp_path, name, gz):
+    v2023 = ".jsonl" in name
+    ukey, ikey, tkey = ("user_id", "parent_asin", "timestamp") if v2023 else ("reviewerID", "asin", "unixReviewTime")
+    reviews = [json.dumps({ukey: "U", ikey: "A", tkey: 1}), json.dumps({ukey: "U", ikey: "B", tkey: 2})]
+    meta = [json.dumps({ikey: "A", "title": "Ruler"})]
+    for fname, lines in ((name, reviews), ("meta_" + name, meta)):
+        data = BOM + "".join(x + "\n" for x in lines).encode()
+        (tmp_path / fname).write_bytes(gzip.compress(data) if gz else data)
+    ds = read_dataset(tmp_path)
+    assert seqs_raw(ds) == {"U": ["A", "B"]} and ds.item_text["title"] == ["Ruler", ""]
+
+
+def test_undecodable_byte_in_item_file_names_file_line_and_column(tmp_path):
+    """A latin-1 byte on line 352 of an .item file: the error names the line and the column, not a buffer offset."""
+    write_lines(tmp_path / "x.inter", ["user_id:token\titem_id:token", "u\ti1", "u\ti2"])
+    rows = ["item_id:token\ttitle:token_seq\tdescription:token_seq"] + [f"i{k}\tItem {k}\tplain" for k in range(350)]
+    rows.insert(351, "i9\tCaf\xe9\tlatin-1 title")  # line 352
+    write_bytes_lines(tmp_path / "x.item", rows, encoding="latin-1")
+    with pytest.raises(DataFormatError) as e:
+        read_dataset(tmp_path)
+    msg = str(e.value)
+    assert re.search(r"x\.item:352: column 'title': byte 0xe9 \(byte 7 of the line\) is not UTF-8", msg), msg
+    assert "iconv" in msg and "position" not in msg
+
+
+def test_undecodable_byte_in_gzipped_json_names_line_and_field(tmp_path):
+    (tmp_path / "C.json").write_text('{"reviewerID": "u", "asin": "a", "unixReviewTime": 1}\n')
+    meta = ['{"asin": "a", "title": "ok"}', '{"asin": "b", "title": "ok"}', '{"asin": "c", "brand": "Bj\xf6rk"}']
+    (tmp_path / "meta_C.json.gz").write_bytes(gzip.compress("\n".join(meta).encode("latin-1")))
+    with pytest.raises(DataFormatError, match=r"meta_C\.json\.gz:3: field 'brand': byte 0xf6 .* is not UTF-8"):
+        read_dataset(tmp_path)
+
+
+def test_undecodable_byte_in_users_file_names_line(tmp_path):
+    from speeder_fast.recommend import read_users
+
+    (tmp_path / "users.txt").write_bytes(BOM + b"u1\r\n# comment\r\nu2\r\n")
+    assert read_users(tmp_path / "users.txt", {"u1": 0, "u2": 1}) == [(1, "u1", 0), (3, "u2", 1)]
+    (tmp_path / "bad.txt").write_bytes(b"u1\nJos\xe9\n")
+    with pytest.raises(DataFormatError, match=r"bad\.txt:2: byte 0xe9"):
+        read_users(tmp_path / "bad.txt", {"u1": 0})
+
+
+@pytest.mark.parametrize("header", ["user_id:token item_id:token timestamp",
+                                    "user_id:token  item_id:token  timestamp:float",
+                                    "user_id:token,item_id:token,timestamp:float",
+                                    "user_id:token\titem_id:token timestamp:float"])
+def test_space_or_comma_separated_header_says_tabs(tmp_path, header):
+    write_lines(tmp_path / "s.inter", [header, "u i 1", "u j 2"])
+    with pytest.raises(DataFormatError, match=r"s\.inter:1: header: .*separated by (spaces|commas), not tabs: "
+                                              r"atomic files are tab-separated"):
+        read_dataset(tmp_path)
+
+
+def test_space_separated_row_says_tabs(tmp_path):
+    write_lines(tmp_path / "s.inter", ["user_id:token\titem_id:token\ttimestamp:float", "u\ti\t1", "u j 2"])
+    with pytest.raises(DataFormatError, match=r"s\.inter:3: expected 3 tab-separated fields .* got 1; the line is "
+                                              r"separated by spaces, not tabs"):
+        read_dataset(tmp_path)
+
+
+# RecBole benchmark files: NAME.train.inter, NAME.valid.inter, NAME.test.inter (+ NAME.item)
+
+def write_benchmark(folder: Path, name: str = "bench") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    head = "user_id:token\titem_id:token\ttimestamp:float"
+    write_lines(folder / f"{name}.train.inter", [head, "u1\ta\t3", "u2\tc\t1", "u1\tb\t1", "u2\td\t2", "u1\tc\t2",
+                                                 "u3\tf\t1", "u3\tg\t2", "u3\th\t3"])
+    # the given split is used as is, even where a valid/test time precedes a train time
+    write_lines(folder / f"{name}.valid.inter", [head, "u1\td\t4", "u2\ta\t0", "u3\ta\t4"])
+    write_lines(folder / f"{name}.test.inter", [head, "u2\tb\t5", "u1\te\t5", "u3\tb\t5"])
+    write_lines(folder / f"{name}.item", ["item_id:token\ttitle:token_seq"] + [f"{i}\tTitle {i}" for i in "abcdefgh"])
+    return folder
+
+
+def test_benchmark_folder_keeps_the_given_split(tmp_path):
+    folder = write_benchmark(tmp_path / "bench")
+    for path in (folder, folder / "bench.train.inter", folder / "bench.test.inter"):
+        ds = read_dataset(path)
+        assert ds.given_split and ds.name == "bench"
+        # train rows by time, then the valid row, then the test row
+        assert seqs_raw(ds) == {"u1": ["b", "c", "a", "d", "e"], "u2": ["c", "d", "a", "b"],
+                                "u3": ["f", "g", "h", "a", "b"]}
+        assert dict(zip(ds.item_ids, ds.item_text["title"])) == {i: f"Title {i}" for i in "abcdefgh"}
+    from speeder_fast.data.readers import dataset_files
+
+    fmt, name, files = dataset_files(folder)
+    assert (fmt, name) == ("atomic", "bench")
+    assert [f.name for f in files] == ["bench.train.inter", "bench.valid.inter", "bench.test.inter", "bench.item"]
+
+
+def test_benchmark_incomplete_or_not_one_target_per_user_is_refused(tmp_path):
+    folder = write_benchmark(tmp_path / "b1")
+    (folder / "bench.valid.inter").unlink()
+    with pytest.raises(DataFormatError, match=r"bench\.valid\.inter missing.*concatenate the parts into one "
+                                              r"bench\.inter"):
+        read_dataset(folder / "bench.train.inter")
+    folder = write_benchmark(tmp_path / "b2")
+    head = "user_id:token\titem_id:token\ttimestamp:float"
+    write_lines(folder / "bench.test.inter", [head, "u1\te\t5", "u1\ta\t6", "u3\tb\t5"])  # u1 twice, u2 never
+    with pytest.raises(DataFormatError) as e:
+        read_dataset(folder)
+    msg = str(e.value)
+    assert "1 user(s) have no row in bench.test.inter (e.g. 'u2')" in msg
+    assert "1 user(s) have several rows in bench.test.inter (e.g. 'u1': 2)" in msg
+
+
+def test_benchmark_and_plain_file_in_one_folder_must_be_chosen(tmp_path):
+    folder = write_benchmark(tmp_path / "mixed")
+    write_lines(folder / "other.inter", ["user_id:token\titem_id:token", "u\ti"])
+    with pytest.raises(DataFormatError, match=r"several datasets \(other\.inter, bench\.\{train,valid,test\}\.inter"):
+        read_dataset(folder)
+    assert not read_dataset(folder / "other.inter").given_split
+    assert read_dataset(folder / "bench.valid.inter").given_split
+
+
+def test_exact_duplicate_reviews_dropped_anywhere_in_the_sequence(tmp_path):
+    reviews = [("U", "A", 1), ("U", "B", 2), ("V", "A", 1), ("U", "A", 1), ("U", "B", 3), ("U", "B", 2)]
+    (tmp_path / "D.jsonl").write_text("".join(json.dumps({"user_id": u, "parent_asin": i, "timestamp": t}) + "\n"
+                                              for u, i, t in reviews))
+    kept = read_dataset(tmp_path)
+    assert seqs_raw(kept) == {"U": ["A", "A", "B", "B", "B"], "V": ["A"]} and kept.read_report == {}
+    ds = read_dataset(tmp_path, drop_duplicates=True)
+    assert seqs_raw(ds) == {"U": ["A", "B", "B"], "V": ["A"]}  # (U,B,3) is a different time: kept
+    assert ds.read_report == {"exact_duplicates_dropped": 2}

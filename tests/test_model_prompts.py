@@ -112,3 +112,45 @@ def test_text_only_curriculum_rows(tok, prepared):
                     text_only=np.array([True, False, True, False]))
     has_slots = (batch.slot_item >= 0).any(1).tolist()
     assert has_slots == [False, True, False, True]
+
+
+def test_titles_colliding_after_truncation_warn_and_match_full_title(tok):
+    """Issue 14: items whose titles share their first prompt.title_tokens tokens are counted at build time, and
+    a generation is matched against the full title when the truncated one is ambiguous."""
+    import logging
+    import re
+
+    import torch
+
+    from speeder_fast.data.dataset import RecDataset
+    from speeder_fast.model.llm import match_generated
+
+    titles = ["blue pen refill", "blue pen cap", "blue pen", "red stapler", "red stapler", "green folder"]
+    ds = RecDataset("t", ["u"], [f"i{i}" for i in range(len(titles))], [np.arange(len(titles))],
+                    {"title": titles})
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    lg = logging.getLogger("speeder_fast")
+    lg.addHandler(handler)
+    try:
+        b = PromptBuilder(tok, ds, PromptConfig(paradigm="titles", answer_mode="generate", title_tokens=2), 3, 2)
+    finally:
+        lg.removeHandler(handler)
+    assert b.title_text[0] == b.title_text[1] == b.title_text[2] == "blue pen"
+    msg = "\n".join(r.getMessage() for r in records)
+    assert "prompt.title_tokens=2: 5 items share their truncated title with another item (2 titles" in msg, msg
+    assert "2 of them have identical full titles (never separable)" in msg
+    assert int(re.search(r"prompt\.title_tokens=(\d+) would separate", msg)[1]) >= 3
+    assert sorted(b.full_title_text) == [0, 1, 2, 3, 4]
+
+    def gen(text):
+        return torch.tensor([tok(" " + text, add_special_tokens=False)["input_ids"] + [b.eos_id]])
+
+    cands = torch.tensor([[0, 1, 5]])
+    assert match_generated(b, gen("blue pen refill"), cands)[1].tolist() == [0]  # full title: item 0
+    assert match_generated(b, gen("blue pen cap"), cands)[1].tolist() == [1]
+    assert match_generated(b, gen("blue pen"), cands)[1].tolist() == [-1]  # ambiguous, no full title equals it
+    assert match_generated(b, gen("blue pen"), torch.tensor([[0, 2, 5]]))[1].tolist() == [1]  # item 2 is "blue pen"
+    assert match_generated(b, gen("red stapler"), torch.tensor([[3, 4, 5]]))[1].tolist() == [-1]
+    assert match_generated(b, gen("green folder"), cands)[1].tolist() == [2]

@@ -76,13 +76,19 @@ def run_cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.Comp
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    """global_step -> loss (the last record per step: a resumed run repeats the steps after its checkpoint)."""
+    """global_step -> loss (the last record per step)."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["type"] == "train":
             out[r["global_step"]] = r["loss"]
     return out
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """global_step of every train record of metrics.jsonl, in file order."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["global_step"] for r in recs if r["type"] == "train"]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +139,8 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path):
         assert torch.equal(a[k], b[k]), k  # bit-identical (CPU, one thread)
     la, lb = train_losses(ref), train_losses(run)
     assert sorted(la) == sorted(lb) == list(range(1, 11))
+    # metrics.jsonl was cut back to the checkpoint on resume: every step is logged once, as in the reference
+    assert train_steps(run) == list(range(1, 11))
     assert all(la[s] == lb[s] for s in la), {s: (la[s], lb[s]) for s in la if la[s] != lb[s]}
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["resumed"] is True and summary["steps"] == 10
@@ -170,3 +178,5 @@ def test_resume_skips_a_corrupt_latest_checkpoint(inputs, tmp_path):
     assert (run / "checkpoints" / "corrupt-step-00000004").is_dir()
     a, b = final_weights(ref), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # resumed from step 2: the copied log's records of steps 3-5 were cut, the resumed run logged them once
+    assert train_steps(run) == train_steps(ref) == [1, 2, 3, 4, 5]

@@ -13,10 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from speeder_fast.data.dataset import PreparedData
-
-
-class CatalogueTooSmallError(ValueError):
-    """Some user has fewer never-interacted items than the negatives requested."""
+from speeder_fast.errors import CatalogueTooSmallError  # noqa: F401 - re-exported (speeder_fast.data)
 
 
 def interaction_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
@@ -38,10 +35,13 @@ def _check_catalogue(keys: np.ndarray, n_users: int, n_items: int, k: int, what:
     if room.shape[0] and room.min() < k:
         bad = int(np.argmin(room))
         n_bad = int((room < k).sum())
+        fits = int(room.min()) + 1
+        fix = (f"set data.n_candidates <= {fits}" if fits >= 2 else
+               "no data.n_candidates fits (some user interacted with every item)")
         raise CatalogueTooSmallError(
-            f"cannot sample {k} {what} negatives: {n_bad} user(s) have fewer never-interacted items "
-            f"(worst: user index {bad} interacted with {int(n_seen[bad])} of {n_items} items, leaving "
-            f"{int(room[bad])}); lower n_candidates or use a larger catalogue")
+            f"data.n_candidates={k + 1} needs {k} never-interacted items per user ({what} negatives), but "
+            f"{n_bad} of {room.shape[0]} users have fewer (worst: user index {bad} interacted with "
+            f"{int(n_seen[bad])} of {n_items} items, leaving {int(room[bad])}); {fix} or use a larger catalogue")
     return room
 
 
@@ -86,7 +86,8 @@ def sample_negatives(rng: np.random.Generator, row_users: np.ndarray, keys: np.n
         seen = keys[lo:hi] - u * n_items
         pool = np.setdiff1d(np.arange(n_items, dtype=np.int64), seen, assume_unique=True)
         if pool.shape[0] < k:
-            raise CatalogueTooSmallError(f"user index {u}: only {pool.shape[0]} never-interacted items, need {k}")
+            raise CatalogueTooSmallError(f"user index {u}: only {pool.shape[0]} never-interacted items, need {k} "
+                                         f"(data.n_candidates - 1)")
         out[r] = rng.choice(pool, size=k, replace=False)
     return out
 

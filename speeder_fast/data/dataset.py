@@ -24,6 +24,11 @@ class RecDataset:
     sequences: list[np.ndarray]  # per user: int64 item indices, oldest -> newest
     item_text: dict[str, list[str]] = field(default_factory=dict)  # column -> per-item string ("" if missing)
     source: str = ""  # path or asset name it came from
+    # True when the source fixed the split (RecBole benchmark files NAME.{train,valid,test}.inter): each
+    # sequence is the user's train events, then their one valid event, then their one test event
+    given_split: bool = False
+    # what the reader removed or noticed, e.g. {"exact_duplicates_dropped": 3} (into the filter report)
+    read_report: dict = field(default_factory=dict)
 
     @property
     def n_users(self) -> int:

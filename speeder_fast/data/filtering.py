@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from speeder_fast.data.dataset import RecDataset
+from speeder_fast.errors import DataError
 from speeder_fast.utils import get_logger
 
 log = get_logger("speeder_fast.data")
@@ -66,7 +67,8 @@ class FilterReport:
     raw_users: int = 0
     raw_items: int = 0
     raw_interactions: int = 0
-    duplicates_dropped: int = 0
+    exact_duplicates_dropped: int = 0  # same user, item and timestamp (data.drop_duplicates; by the reader)
+    duplicates_dropped: int = 0  # consecutive repeats of the same item (data.drop_consecutive_duplicates)
     kcore_rounds: int = 0
     kcore_users_dropped: int = 0
     kcore_items_dropped: int = 0
@@ -135,8 +137,8 @@ def filter_dataset(ds: RecDataset, *, user_kcore: int = 0, item_kcore: int = 0,
 
     out = reindex(ds, users[keep], items[keep])
     if out.n_users == 0:
-        raise ValueError(f"{ds.name}: no users left after filtering (user_kcore={user_kcore}, "
-                         f"item_kcore={item_kcore}, min_user_events={min_user_events})")
+        raise DataError(f"{ds.name}: no users left after filtering (data.user_kcore={user_kcore}, "
+                        f"data.item_kcore={item_kcore}, data.min_user_events={min_user_events}); lower them")
     return out, rep
 
 
@@ -156,4 +158,4 @@ def reindex(ds: RecDataset, users: np.ndarray, items: np.ndarray) -> RecDataset:
     text = {f: [col[j] for j in ik.tolist()] for f, col in ds.item_text.items()}
     return RecDataset(name=ds.name, user_ids=[ds.user_ids[j] for j in uk.tolist()],
                       item_ids=[ds.item_ids[j] for j in ik.tolist()], sequences=seqs, item_text=text,
-                      source=ds.source)
+                      source=ds.source, given_split=ds.given_split, read_report=dict(ds.read_report))

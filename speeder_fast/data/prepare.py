@@ -11,8 +11,9 @@ Cache layout (``cfg.cache_dir`` or ``cache_root()/"data"``)::
 
 ``key`` hashes the cache format version, each input file's name, size, mtime and sha256, and
 every option that changes the persisted content: ``user_kcore``, ``item_kcore``,
-``drop_consecutive_duplicates``, ``min_user_events``, ``max_users``, ``n_candidates``, ``seed``
-(and the ml-100k text mapping). ``max_history`` and ``max_train_examples`` only shape the
+``drop_consecutive_duplicates``, ``drop_duplicates`` (as resolved for the format, recorded only
+when on), ``min_user_events``, ``max_users``, ``n_candidates``, ``seed`` (and the ml-100k text
+mapping). ``max_history`` and ``max_train_examples`` only shape the
 windows, which are rebuilt on load (vectorised, deterministic, well under a second), so changing
 them re-uses the same filtered data and the same evaluation candidates. The folder is written
 to a temporary sibling and renamed into place, so a cache entry is either complete or absent.
@@ -34,7 +35,8 @@ from speeder_fast.config import DataConfig
 from speeder_fast.data.candidates import eval_candidates
 from speeder_fast.data.dataset import PreparedData, RecDataset
 from speeder_fast.data.filtering import filter_dataset
-from speeder_fast.data.readers import DataFormatError, dataset_files, read_dataset
+from speeder_fast.data.readers import dataset_files, read_dataset
+from speeder_fast.errors import ConfigError, DataError, DataFormatError
 from speeder_fast.data.splits import leave_one_out, seq_offsets
 from speeder_fast.utils import cache_root, get_logger, sha256_file, stable_hash
 
@@ -56,7 +58,8 @@ def movielens_text(ds: RecDataset) -> RecDataset:
         text["categories"] = [", ".join(c.split()) for c in text["categories"]]
     order = ["title", "description", "brand", "categories"]
     text = {**{k: text[k] for k in order if k in text}, **{k: v for k, v in text.items() if k not in order}}
-    return RecDataset(ds.name, ds.user_ids, ds.item_ids, ds.sequences, text, ds.source)
+    return RecDataset(ds.name, ds.user_ids, ds.item_ids, ds.sequences, text, ds.source, ds.given_split,
+                      ds.read_report)
 
 
 def _resolve_source(cfg: DataConfig) -> tuple[Path, str]:
@@ -79,9 +82,30 @@ def _fingerprint(files: list[Path]) -> list[dict]:
     return out
 
 
-def cache_options(cfg: DataConfig) -> dict:
-    """The options that change the persisted content (part of the cache key)."""
-    return {
+#: formats whose ``data.drop_duplicates=auto`` means on: raw review dumps repeat review lines
+DROP_DUPLICATES_BY_DEFAULT = ("amazon2018", "amazon2023")
+
+
+def drop_duplicates_for(cfg: DataConfig, fmt: str) -> bool:
+    """``data.drop_duplicates`` resolved for a source format: ``auto`` is on for the raw Amazon
+    formats (:data:`DROP_DUPLICATES_BY_DEFAULT`), off for RecBole atomic files and ml-100k.
+
+    Raises:
+        ConfigError: a value other than auto/on/off.
+    """
+    mode = str(cfg.drop_duplicates).lower()
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"data.drop_duplicates: {cfg.drop_duplicates!r} is not auto, on or off")
+    return mode == "on" or (mode == "auto" and fmt in DROP_DUPLICATES_BY_DEFAULT)
+
+
+def cache_options(cfg: DataConfig, fmt: str = "") -> dict:
+    """The options that change the persisted content (part of the cache key).
+
+    ``drop_duplicates`` (resolved for ``fmt``) is only listed when on, so the keys of entries
+    prepared before the option existed (it was off for them) stay valid.
+    """
+    opts = {
         "user_kcore": int(cfg.user_kcore),
         "item_kcore": int(cfg.item_kcore),
         "drop_consecutive_duplicates": bool(cfg.drop_consecutive_duplicates),
@@ -90,6 +114,29 @@ def cache_options(cfg: DataConfig) -> dict:
         "n_candidates": int(cfg.n_candidates),
         "seed": int(cfg.seed),
     }
+    if drop_duplicates_for(cfg, fmt):
+        opts["drop_duplicates"] = True
+    return opts
+
+
+def check_given_split(ds: RecDataset, opts: dict) -> None:
+    """A source with a given split (RecBole benchmark files) can only lose whole users: refuse the
+    options that remove single events (they would move the valid/test targets).
+
+    Raises:
+        ConfigError: naming each such option and the value to set.
+    """
+    bad = []
+    if opts["item_kcore"] > 0:
+        bad.append(f"data.item_kcore={opts['item_kcore']} (set 0)")
+    if opts["drop_consecutive_duplicates"]:
+        bad.append("data.drop_consecutive_duplicates=true (set false)")
+    if opts.get("drop_duplicates"):
+        bad.append("data.drop_duplicates=on (set auto or off)")
+    if bad:
+        raise ConfigError(f"{ds.source}: a RecBole benchmark split is used as given, so only whole users may be "
+                          f"filtered out (data.user_kcore, data.min_user_events, data.max_users); these options "
+                          f"would remove single interactions and move the valid/test targets: {', '.join(bad)}")
 
 
 def cache_key(cfg: DataConfig) -> tuple[Path, dict]:
@@ -99,7 +146,7 @@ def cache_key(cfg: DataConfig) -> tuple[Path, dict]:
     if transform:
         name = transform
     material = {"version": CACHE_VERSION, "format": fmt, "transform": transform,
-                "files": _fingerprint(files), "options": cache_options(cfg)}
+                "files": _fingerprint(files), "options": cache_options(cfg, fmt)}
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "dataset"
     material["source"] = str(path)
@@ -156,19 +203,36 @@ def _load_cache(out: Path) -> tuple[RecDataset, np.ndarray, np.ndarray, np.ndarr
     return ds, flat, offsets, cands["valid"].astype(np.int64), cands["test"].astype(np.int64), manifest
 
 
+def _same_sequences(raw: RecDataset, ds: RecDataset) -> None:
+    """Every user kept from a given split keeps their whole sequence (the split is used as is)."""
+    index = {u: i for i, u in enumerate(raw.user_ids)}
+    changed = sum(len(raw.sequences[index[u]]) != len(s) for u, s in zip(ds.user_ids, ds.sequences))
+    if changed:  # pragma: no cover - check_given_split refuses the options that could do this
+        raise DataError(f"{raw.source}: filtering changed the sequences of {changed} users of a given split")
+
+
 def prepare(cfg: DataConfig) -> PreparedData:
     """Read, filter, split and sample evaluation candidates for ``cfg``, using the disk cache.
 
-    Filtering (see :func:`speeder_fast.data.filtering.filter_dataset`): consecutive duplicates
-    (optional), iterative user/item k-core, users with fewer than ``max(min_user_events, 3)``
+    Filtering (see :func:`speeder_fast.data.filtering.filter_dataset`): exact duplicates (same user,
+    item and timestamp; ``data.drop_duplicates``, done by the reader, which sees the timestamps),
+    consecutive duplicates (optional), iterative user/item k-core, users with fewer than ``max(min_user_events, 3)``
     events dropped (count logged), the ``max_users`` subset (first N users in input order), dense
-    re-indexing. Splits: leave-one-out (see :mod:`speeder_fast.data.splits`). Candidates: see
+    re-indexing. Splits: leave-one-out (see :mod:`speeder_fast.data.splits`); for RecBole benchmark
+    files the given split (the reader orders each sequence train, valid, test, so leave-one-out
+    reproduces it; only whole users may be filtered out). Candidates: see
     :func:`speeder_fast.data.candidates.eval_candidates`.
+
+    Raises:
+        ConfigError: an out-of-range option, or an event-level filter on a given split.
+        DataFormatError: a malformed input file (names file, line, field).
+        DataError: nothing left after filtering; ``CatalogueTooSmallError`` when ``data.n_candidates``
+            does not fit the catalogue (names the users affected).
     """
     if cfg.max_history < 1:
-        raise ValueError(f"data.max_history must be >= 1, got {cfg.max_history}")
+        raise ConfigError(f"data.max_history must be >= 1, got {cfg.max_history}")
     if cfg.n_candidates < 2:
-        raise ValueError(f"data.n_candidates must be >= 2, got {cfg.n_candidates}")
+        raise ConfigError(f"data.n_candidates must be >= 2, got {cfg.n_candidates}")
     if cfg.min_user_events < MIN_LOO_EVENTS:
         log.warning("data.min_user_events=%d raised to %d (leave-one-out needs a train item, a validation "
                     "and a test target)", cfg.min_user_events, MIN_LOO_EVENTS)
@@ -186,20 +250,30 @@ def prepare(cfg: DataConfig) -> PreparedData:
     else:
         log.info("preparing %s -> %s", material["source"], out)
         transform = material["transform"]
-        raw = read_dataset(Path(material["source"]))
+        opts = material["options"]
+        if opts.get("drop_duplicates") and str(cfg.drop_duplicates).lower() == "auto":
+            log.info("data.drop_duplicates=auto is on for %s sources: exact repeats (same user, item and "
+                     "timestamp) are dropped and counted; --set data.drop_duplicates=off keeps them",
+                     material["format"])
+        raw = read_dataset(Path(material["source"]), drop_duplicates=bool(opts.get("drop_duplicates", False)))
         if transform == "ml-100k":
             raw = movielens_text(raw)
             raw.name = "ml-100k"
-        opts = material["options"]
+        if raw.given_split:
+            check_given_split(raw, opts)
         ds, report = filter_dataset(raw, user_kcore=opts["user_kcore"], item_kcore=opts["item_kcore"],
                                     drop_duplicates=opts["drop_consecutive_duplicates"],
                                     min_user_events=opts["min_user_events"], max_users=opts["max_users"])
+        report.exact_duplicates_dropped = int(raw.read_report.get("exact_duplicates_dropped", 0))
+        if raw.given_split:
+            _same_sequences(raw, ds)
         lengths = np.fromiter((len(s) for s in ds.sequences), np.int64, ds.n_users)
         offsets = seq_offsets(lengths)
         flat = np.concatenate(ds.sequences).astype(np.int64)
         valid_c, test_c = eval_candidates(flat, offsets, ds.n_items, opts["n_candidates"], opts["seed"],
                                           flat[offsets[1:] - 2], flat[offsets[1:] - 1])
         manifest = {**material, "name": ds.name, "filter": report.as_dict(),
+                    "split": "given (RecBole benchmark files)" if raw.given_split else "leave-one-out",
                     "n_users": ds.n_users, "n_items": ds.n_items, "n_interactions": int(flat.shape[0]),
                     "text_fields": ds.text_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_cache(out, ds, flat, offsets, valid_c, test_c, manifest)

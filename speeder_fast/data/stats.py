@@ -8,15 +8,20 @@ from speeder_fast.data.dataset import PreparedData
 
 
 def compute_stats(prepared: PreparedData) -> dict:
-    """Users, items, interactions, density, sequence-length summary, split sizes, text coverage.
+    """Users, items, interactions, density, sequence-length summary, split sizes, what filtering
+    dropped, text coverage.
 
-    ``text_coverage`` maps each item-text field to the fraction of items with a non-empty value.
+    ``exact_duplicates_dropped`` (same user, item and timestamp; ``data.drop_duplicates``) and
+    ``consecutive_duplicates_dropped`` come from the filter report of the manifest (0 when absent);
+    ``split`` says whether the split is leave-one-out or given by the source. ``text_coverage`` maps
+    each item-text field to the fraction of items with a non-empty value.
     """
     ds = prepared.dataset
     lengths = np.fromiter((len(s) for s in ds.sequences), np.int64, ds.n_users)
     n_int = int(lengths.sum())
     denom = ds.n_users * ds.n_items
     cov = {f: (sum(1 for v in col if v) / len(col) if col else 0.0) for f, col in ds.item_text.items()}
+    report = prepared.manifest.get("filter", {}) if isinstance(prepared.manifest, dict) else {}
     return {
         "name": ds.name,
         "users": ds.n_users,
@@ -32,6 +37,9 @@ def compute_stats(prepared: PreparedData) -> dict:
         "test_examples": len(prepared.test),
         "max_history": int(prepared.train.histories.shape[1]) if prepared.train.histories.ndim == 2 else 0,
         "n_candidates": int(prepared.valid_candidates.shape[1]) if prepared.valid_candidates.ndim == 2 else 0,
+        "split": prepared.manifest.get("split", "leave-one-out") if isinstance(prepared.manifest, dict) else "",
+        "exact_duplicates_dropped": int(report.get("exact_duplicates_dropped", 0)),
+        "consecutive_duplicates_dropped": int(report.get("duplicates_dropped", 0)),
         "text_coverage": cov,
     }
 

@@ -11,6 +11,7 @@ import torch
 
 from ..config import FeatureConfig
 from ..data.dataset import PreparedData
+from ..errors import ConfigError
 from ..utils import get_logger
 from .store import FeatureStore, sequences_hash
 
@@ -54,7 +55,7 @@ def build_item_features(prepared: PreparedData, feature_cfg: FeatureConfig, llm:
     """
     unknown = [m for m in feature_cfg.modalities if m not in MODALITIES]
     if unknown:
-        raise ValueError(f"features.modalities: unknown {unknown} (use {list(MODALITIES)})")
+        raise ConfigError(f"features.modalities: unknown {unknown} (use {list(MODALITIES)})")
     store = FeatureStore(store_root)
     ds = prepared.dataset
     dtype = feature_cfg.store_dtype

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataFormatError
 from ..utils import get_logger
 from .text import fingerprint_dir
 
@@ -67,24 +68,25 @@ def image_paths(source: str | Path, item_ids: Sequence[str]) -> dict[int, Path]:
                 log.warning("item %s has %d images in %s; using %s", iid, len(files), src, files[0].name)
             found[index[iid]] = files[0]
     elif src.is_file() and src.suffix.lower() == ".csv":
-        with open(src, newline="") as fh:
-            for ln, row in enumerate(csv.reader(fh), start=1):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != 2:
-                    raise ValueError(f"{src}:{ln}: expected 2 fields item_id,path, got {len(row)}")
-                iid, path = row[0].strip(), row[1].strip()
-                if ln == 1 and (iid.lower(), path.lower()) == ("item_id", "path"):
-                    continue
-                p = Path(path) if Path(path).is_absolute() else src.parent / path
-                if iid not in index:
-                    unknown += 1
-                    continue
-                if index[iid] in found:
-                    raise ValueError(f"{src}:{ln}: item_id {iid!r} listed twice")
-                if not p.is_file():
-                    raise FileNotFoundError(f"{src}:{ln}: image file {p} for item {iid!r} does not exist")
-                found[index[iid]] = p
+        from ..data.readers import iter_text_lines  # UTF-8 (BOM allowed); a bad byte names the line
+
+        for ln, row in enumerate(csv.reader(line for _, line in iter_text_lines(src)), start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 2:
+                raise DataFormatError(f"{src}:{ln}: expected 2 fields item_id,path, got {len(row)}")
+            iid, path = row[0].strip(), row[1].strip()
+            if ln == 1 and (iid.lower(), path.lower()) == ("item_id", "path"):
+                continue
+            p = Path(path) if Path(path).is_absolute() else src.parent / path
+            if iid not in index:
+                unknown += 1
+                continue
+            if index[iid] in found:
+                raise DataFormatError(f"{src}:{ln}: item_id {iid!r} listed twice")
+            if not p.is_file():
+                raise FileNotFoundError(f"{src}:{ln}: image file {p} for item {iid!r} does not exist")
+            found[index[iid]] = p
     else:
         raise FileNotFoundError(f"image_source {src}: not a folder of images, an item_id,path .csv, "
                                 "or a .npy/.safetensors feature file")
@@ -134,7 +136,7 @@ class CLIPImageEncoder:
                     with Image.open(f) as im:
                         imgs.append(im.convert("RGB"))
                 except Exception as e:  # PIL raises many types
-                    raise ValueError(f"cannot read image {f}: {e}") from e
+                    raise DataFormatError(f"cannot read image {f}: {e}") from e
             pix = self.processor(images=imgs, return_tensors="pt")["pixel_values"].to(self.device)
             res = self.model(pixel_values=pix)
             out[s:s + len(imgs)] = getattr(res, self.output).float().cpu()
@@ -147,13 +149,15 @@ def _sidecar_ids(path: Path) -> list[str] | None:
         if cand.is_file():
             if cand.suffix == ".json":
                 try:
-                    ids = json.loads(cand.read_text())
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{cand}: invalid JSON ({e})") from e
+                    ids = json.loads(cand.read_text(encoding="utf-8-sig"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DataFormatError(f"{cand}: invalid JSON ({e})") from e
                 if not isinstance(ids, list):
-                    raise ValueError(f"{cand}: expected a JSON list of item ids")
+                    raise DataFormatError(f"{cand}: expected a JSON list of item ids")
                 return [str(x) for x in ids]
-            return [ln.strip() for ln in cand.read_text().splitlines() if ln.strip()]
+            from ..data.readers import iter_text_lines
+
+            return [ln.strip() for _, ln in iter_text_lines(cand) if ln.strip()]
     return None
 
 
@@ -178,28 +182,28 @@ def load_feature_file(path: str | Path, item_ids: Sequence[str]) -> tuple[torch.
             keys = list(f.keys())
             key = "features" if "features" in keys else (keys[0] if len(keys) == 1 else None)
             if key is None:
-                raise ValueError(f"{p}: expected a tensor named 'features' (or exactly one tensor), found {keys}")
+                raise DataFormatError(f"{p}: expected a tensor named 'features' (or exactly one tensor), found {keys}")
             feats = f.get_tensor(key).float()
             meta = f.metadata() or {}
         if "item_ids" in meta:
             try:
                 ids = [str(x) for x in json.loads(meta["item_ids"])]
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: metadata item_ids is not a JSON list ({e})") from e
+                raise DataFormatError(f"{p}: metadata item_ids is not a JSON list ({e})") from e
     if feats.dim() != 2:
-        raise ValueError(f"{p}: features must be 2-D [n, d], got shape {tuple(feats.shape)}")
+        raise DataFormatError(f"{p}: features must be 2-D [n, d], got shape {tuple(feats.shape)}")
     if ids is None:
         ids = _sidecar_ids(p)
     if ids is None:
         raise FileNotFoundError(f"{p}: no item-id list (expected {p.with_suffix('')}.ids.txt, .txt, .ids.json or "
                                 ".json next to it, or safetensors metadata 'item_ids')")
     if len(ids) != feats.shape[0]:
-        raise ValueError(f"{p}: {feats.shape[0]} feature rows but {len(ids)} item ids")
+        raise DataFormatError(f"{p}: {feats.shape[0]} feature rows but {len(ids)} item ids")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{p}: duplicate item ids in its id list")
+        raise DataFormatError(f"{p}: duplicate item ids in its id list")
     if not torch.isfinite(feats).all():
         bad = int((~torch.isfinite(feats)).any(1).nonzero()[0, 0])
-        raise ValueError(f"{p}: non-finite value in row {bad} (item {ids[bad]!r})")
+        raise DataFormatError(f"{p}: non-finite value in row {bad} (item {ids[bad]!r})")
     index = {iid: i for i, iid in enumerate(item_ids)}
     src_rows, dst_rows = [], []
     for r, iid in enumerate(ids):
@@ -223,7 +227,7 @@ def image_encoder_id(source: str | Path, encoder_path: str | Path = "") -> str:
     if is_feature_file(source):
         return f"file:{Path(source).name}:{sha256_file(source)[:16]}"
     if not encoder_path:
-        raise ValueError("features.image_encoder is empty but features.image_source is a folder/CSV of images: "
+        raise ConfigError("features.image_encoder is empty but features.image_source is a folder/CSV of images: "
                          "give a local CLIP folder, or a .npy/.safetensors feature file as image_source")
     return f"clip:{Path(encoder_path).name}:{fingerprint_dir(encoder_path)}"
 
@@ -236,7 +240,7 @@ def build_image_features(source: str | Path, item_ids: Sequence[str], encoder_pa
         feats, mask = load_feature_file(source, item_ids)
     else:
         if not encoder_path:
-            raise ValueError("features.image_encoder must name a local CLIP folder to encode image files")
+            raise ConfigError("features.image_encoder must name a local CLIP folder to encode image files")
         files = image_paths(source, item_ids)
         enc = CLIPImageEncoder(encoder_path, device)
         rows = sorted(files)

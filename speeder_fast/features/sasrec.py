@@ -88,7 +88,9 @@ class SASRecConfig:
         if self.lr <= 0:
             errs.append(f"lr must be > 0, got {self.lr}")
         if errs:
-            raise ValueError("invalid SASRecConfig: " + "; ".join(errs))
+            from speeder_fast.errors import ConfigError
+
+            raise ConfigError("invalid SASRecConfig: " + "; ".join(errs))
 
 
 class _Block(nn.Module):
@@ -192,7 +194,10 @@ def _train_arrays(prepared: PreparedData, max_len: int) -> tuple[np.ndarray, np.
     prefixes = [s[:-2][-(max_len + 1):] for s in prepared.dataset.sequences]
     prefixes = [p for p in prefixes if len(p) >= 2]
     if not prefixes:
-        raise ValueError("SASRec: no user has a training prefix of >= 2 items (sequences[u][:-2])")
+        from speeder_fast.errors import DataError
+
+        raise DataError("SASRec: no user has a training prefix of >= 2 items (sequences[u][:-2]); the data is too "
+                        "short for the collab modality (drop it from features.modalities, or use longer sequences)")
     inp = _left_pad([p[:-1] for p in prefixes], max_len)
     tgt = _left_pad([p[1:] for p in prefixes], max_len)
     return inp, tgt, np.asarray([len(p) - 1 for p in prefixes], dtype=np.int64)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import RecDataset
+from ..errors import ConfigError
 from ..utils import atomic_save_safetensors, atomic_write_json, cache_root, get_logger, stable_hash
 
 log = get_logger("speeder_fast.features.store")
@@ -182,7 +183,7 @@ class FeatureStore:
              mask: torch.Tensor, dtype: str = "float16") -> None:
         """Validate and write an entry (tensors first, then manifest; both atomic)."""
         if dtype not in _DTYPES:
-            raise ValueError(f"features.store_dtype must be float16 or float32, got {dtype!r}")
+            raise ConfigError(f"features.store_dtype must be float16 or float32, got {dtype!r}")
         n = dataset.n_items
         if features.dim() != 2 or features.shape[0] != n:
             raise ValueError(f"{modality} features must be [n_items={n}, d], got {tuple(features.shape)}")

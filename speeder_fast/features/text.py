@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.dataset import RecDataset
+from ..errors import ConfigError
 from ..utils import get_logger
 
 log = get_logger("speeder_fast.features.text")
@@ -48,15 +49,15 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise ValueError(f"features.text_template: malformed template {template!r}: {e}") from e
+        raise ConfigError(f"features.text_template: malformed template {template!r}: {e}") from e
     out = []
     for _, name, spec, conv in parsed:
         if name is None:
             continue
         if not name.isidentifier():
-            raise ValueError(f"features.text_template: field {{{name}}} must be a plain column name")
+            raise ConfigError(f"features.text_template: field {{{name}}} must be a plain column name")
         if spec or conv:
-            raise ValueError(f"features.text_template: field {{{name}}} must not have a format spec/conversion")
+            raise ConfigError(f"features.text_template: field {{{name}}} must not have a format spec/conversion")
         out.append(name)
     return out
 
@@ -278,7 +279,7 @@ def make_text_encoder(spec: str, llm: Any = None, device: str | torch.device = "
             return LLMEmbeddingTextEncoder(tok, obj)
         if hasattr(obj, "get_input_embeddings"):
             return LLMEmbeddingTextEncoder.from_model(tok, obj)
-    raise ValueError("text_encoder='llm' needs the LLM: a model folder path, (tokenizer, embedding_weight) "
+    raise ConfigError("text_encoder='llm' needs the LLM: a model folder path, (tokenizer, embedding_weight) "
                      f"or (tokenizer, model); got {type(llm).__name__}")
 
 

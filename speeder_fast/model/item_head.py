@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from speeder_fast.errors import ConfigError
+
 __all__ = ["ItemHead", "chunked_softmax_ce", "sampled_softmax_ce", "full_softmax_ce_reference"]
 
 
@@ -52,9 +54,9 @@ class ItemHead(nn.Module):
                  projection: bool = True, item_bias: bool = True) -> None:
         super().__init__()
         if similarity not in ("cosine", "dot"):
-            raise ValueError(f"model.head_similarity: {similarity!r} is not cosine or dot")
+            raise ConfigError(f"model.head_similarity: {similarity!r} is not cosine or dot")
         if not temperature > 0:
-            raise ValueError(f"model.head_temperature must be > 0, got {temperature}")
+            raise ConfigError(f"model.head_temperature must be > 0, got {temperature}")
         self.similarity = similarity
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False) if projection else None
         if self.proj is not None:

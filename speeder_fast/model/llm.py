@@ -446,13 +446,18 @@ def match_generated(builder: PromptBuilder, generated: torch.Tensor, candidates:
     """Decode generations and match them to candidate titles.
 
     Returns ``(texts, pred_idx)``; ``pred_idx[b]`` is the candidate whose (truncated) title equals
-    the generated text exactly, or -1 when no candidate or more than one candidate matches (invalid).
+    the generated text exactly. When no or several candidates match that way (titles that collide
+    after ``prompt.title_tokens`` truncation, ``builder.full_title_text``), the candidate whose full
+    title equals the text is taken if there is exactly one; otherwise ``-1`` (invalid).
     """
     texts = [builder.decode_answer(row.tolist()) for row in generated.cpu()]
     cands = candidates.cpu().tolist()
     pred = torch.full((len(texts),), -1, dtype=torch.long)
+    full = getattr(builder, "full_title_text", {})
     for b, (t, row) in enumerate(zip(texts, cands)):
         hits = [j for j, item in enumerate(row) if builder.title_text[item] == t]
+        if len(hits) != 1 and full:
+            hits = [j for j, item in enumerate(row) if full.get(item) == t]
         if len(hits) == 1:
             pred[b] = hits[0]
     return texts, pred

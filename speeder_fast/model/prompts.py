@@ -39,8 +39,11 @@ import torch
 
 from speeder_fast.config import PromptConfig
 from speeder_fast.data.dataset import RecDataset
+from speeder_fast.utils import get_logger
 
 from .packing import PackedBatch, pack_padded
+
+log = get_logger("speeder_fast.prompts")
 
 PARADIGMS = ("verbose", "titles", "speeder")
 
@@ -237,6 +240,7 @@ class PromptBuilder:
         self.titles = titles
         self.title_ids = self._encode_many([" " + t for t in titles], cfg.title_tokens)
         self.title_text = [self.tok.decode(ids.tolist()).strip() for ids in self.title_ids]
+        self.full_title_text = self._title_collisions()  # items whose truncated titles collide -> full title
         self.verbose_ids: list[np.ndarray] | None = None
         if self.paradigm == "verbose":
             descs = dataset.item_text.get("description") or [""] * n_items
@@ -247,6 +251,40 @@ class PromptBuilder:
                 np.concatenate([pre, t, mid, d, post]) if len(d) else np.concatenate([pre, t]) for t, d in zip(self.title_ids, desc_ids)
             ]
         self.desc_token_counts = None
+
+    def _title_collisions(self) -> dict[int, str]:
+        """``{item: decoded full title}`` for the items whose truncated title (``prompt.title_tokens``)
+        equals another item's: a generation of that text names no single item, so
+        :func:`~speeder_fast.model.llm.match_generated` then compares against these full titles.
+
+        In generate mode a warning counts the colliding items, those whose full titles are identical
+        as well (never separable), and the ``prompt.title_tokens`` that would separate the others.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(self.title_text):
+            groups.setdefault(t, []).append(i)
+        clashing = [g for g in groups.values() if len(g) > 1]
+        if not clashing:
+            return {}
+        items = [i for g in clashing for i in g]
+        full = dict(zip(items, self._encode_many([" " + self.titles[i] for i in items], 1 << 30)))
+        identical, need = 0, 0
+        for g in clashing:
+            seqs = sorted(tuple(full[i].tolist()) for i in g)
+            for a, b in zip(seqs, seqs[1:]):
+                if a == b:
+                    continue
+                lcp = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                need = max(need, lcp + 1)
+            identical += sum(n for n in (seqs.count(x) for x in set(seqs)) if n > 1)
+        if self.answer_mode == "generate":
+            sep = f"; prompt.title_tokens={need} would separate the others" if need else ""
+            log.warning("prompt.title_tokens=%d: %d items share their truncated title with another item (%d titles, "
+                        "e.g. %r), so a generated title cannot name them; generations are matched against the full "
+                        "title then. %d of them have identical full titles (never separable)%s",
+                        self.cfg.title_tokens, len(items), len(clashing), self.title_text[clashing[0][0]],
+                        identical, sep)
+        return {i: self.tok.decode(full[i].tolist()).strip() for i in items}
 
     # ----------------------------------------------------------------- tokenization helpers
     def _encode(self, text: str) -> np.ndarray:

@@ -43,11 +43,11 @@ from speeder_fast.checkpoint import CheckpointManager, TrainState, capture_rng, 
 from speeder_fast.config import Config, StageConfig, to_toml
 from speeder_fast.distributed import (ShardedSampler, all_reduce_mean, all_reduce_sum, barrier, broadcast_object,
                                       gather_objects, init_distributed)
-from speeder_fast.errors import CheckpointError, NonFiniteLossError, NonFiniteMonitor
+from speeder_fast.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, NonFiniteMonitor
 from speeder_fast.utils import get_logger, seed_everything
 
-from .run import (FEATURES_FILE, Components, added_embedding_rows, build_components, load_features, make_run_dir,
-                  uses_mome, write_run_files)
+from .run import (FEATURES_FILE, METRICS_FILE, Components, added_embedding_rows, build_components, check_resumable,
+                  cut_metrics_log, load_features, make_run_dir, uses_mome, write_run_files)
 
 log = get_logger("speeder_fast.training")
 
@@ -103,7 +103,8 @@ def set_trainable(comp: Components, stage: StageConfig, seen: set[str]) -> list[
     for p in params:
         p.requires_grad_(True)
     if not params:
-        raise ValueError("this stage has nothing to train (LoRA off and no MoME/SPAE)")
+        raise ConfigError("a training stage has nothing to train: LoRA is off (model.lora_r=0 or the stage's "
+                          "train_lora=false) and there is no MoME/SPAE (paradigm verbose/titles)")
     return params
 
 
@@ -372,8 +373,13 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
 
     ``prepared``: a :class:`PreparedData` to use instead of ``prepare(cfg.data)``. ``resume``:
     continue the run in ``run_dir`` from its newest valid checkpoint (same stage, step, data order,
-    optimizer state and RNG); without any checkpoint it starts from scratch in that folder. Under
-    ``torchrun`` (``WORLD_SIZE > 1``) it trains data-parallel; only rank 0 writes files.
+    optimizer state and RNG; ``metrics.jsonl`` is cut back to that checkpoint's step); a run folder
+    without any checkpoint yet starts from scratch in that folder. Under ``torchrun``
+    (``WORLD_SIZE > 1``) it trains data-parallel; only rank 0 writes files.
+
+    Raises:
+        CheckpointError: ``run_dir`` is a checkpoint (a run never writes into one); with ``resume``, a
+            folder that is neither a run folder nor holds a checkpoint, or only corrupt checkpoints.
     """
     from tqdm.auto import tqdm
 
@@ -390,6 +396,12 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     if run_dir is None and main:
         run_dir = make_run_dir(cfg)
     run_dir = Path(broadcast_object(None if run_dir is None else str(run_dir)))
+    if resume:
+        check_resumable(run_dir)  # before anything is written: a checkpoint or a stray folder is refused
+    else:
+        from speeder_fast.checkpoint import refuse_checkpoint_dir
+
+        refuse_checkpoint_dir(run_dir, "run folder")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     features = None
@@ -402,8 +414,8 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
     model, device, tc = comp.model, comp.device, cfg.train
     n_train = len(comp.prepared.train)
     if n_train == 0:
-        raise ValueError("no training examples (check data.max_users / data.max_train_examples)")
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if main else None
+        raise DataError("no training examples (check data.max_users / data.max_train_examples)")
+    metrics_f = None  # opened after the resume point is known (the log is cut back to it first)
 
     def log_json(rec: dict) -> None:
         if metrics_f is not None:
@@ -460,8 +472,9 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
         if not main:
             rs = mgr.load_latest_valid()
         if rs is None:
-            if main:
-                log.info("resume: no checkpoint in %s, starting from scratch", run_dir)
+            if main:  # check_resumable let it through: a run folder that had not saved a checkpoint yet
+                log.info("resume: no checkpoint in run folder %s yet, starting it from scratch", run_dir)
+                cut_metrics_log(run_dir, 0)
         else:
             weights = dict(rs.weights)
             weights.pop("added_embeddings", None)  # deterministic from the seed; rebuilt identically
@@ -480,6 +493,8 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
             if main:
                 log.info("resuming %s from %s: global step %d, stage %d, step %d of the stage", run_dir, rs.path.name,
                          global_step, start_stage + 1, start_step)
+                cut_metrics_log(run_dir, global_step)  # the steps after the checkpoint are trained again
+    metrics_f = open(run_dir / METRICS_FILE, "a") if main else None
 
     opt: torch.optim.Optimizer | None = None
     stage_total = 0  # optimizer steps of the current stage (saved: token plans make it position-dependent)

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from speeder_fast.config import Config, load_config, to_toml
+from speeder_fast.config import Config, ConfigError, load_config, to_toml
 from speeder_fast.data.dataset import PreparedData
+from speeder_fast.errors import CheckpointError
 from speeder_fast.utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, get_logger, resolve_device
 
 log = get_logger("speeder_fast.training")
@@ -36,6 +37,65 @@ log = get_logger("speeder_fast.training")
 FEATURES_FILE = "item_features.safetensors"
 SASREC_FILE = "sasrec.safetensors"
 ADDITIONS_FILE = "tokenizer_additions.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """True for a folder a run has started writing: ``config.toml`` plus one of the files written
+    next to it (``tokenizer_additions.json``, ``metrics.jsonl``, ``item_features.safetensors``,
+    ``checkpoints/``). A folder holding only a hand-written ``config.toml`` is not one."""
+    p = Path(path)
+    return (p / "config.toml").is_file() and any(
+        (p / f).exists() for f in (ADDITIONS_FILE, METRICS_FILE, FEATURES_FILE, "checkpoints"))
+
+
+def check_resumable(run_dir: str | Path) -> None:
+    """Refuse ``--resume`` of a folder that is a checkpoint, or that holds no step checkpoint and is not a
+    run folder (it would silently start a new run there).
+
+    Raises:
+        CheckpointError: naming the folder and what to pass instead.
+    """
+    from speeder_fast.checkpoint import CheckpointManager, refuse_checkpoint_dir
+
+    run_dir = Path(run_dir)
+    refuse_checkpoint_dir(run_dir, "--resume")
+    if CheckpointManager(run_dir, clean_stale=False).list() or is_run_folder(run_dir):
+        return
+    raise CheckpointError(f"--resume {run_dir}: not a speeder_fast run folder (no checkpoint, no "
+                          f"{ADDITIONS_FILE} or {METRICS_FILE}); a resume never starts a new run elsewhere: train "
+                          "with --config/--output-dir/--run-name instead")
+
+
+def cut_metrics_log(run_dir: str | Path, step: int) -> int:
+    """Cut ``run_dir/metrics.jsonl`` back to the records of global steps ``<= step`` (atomically).
+
+    A resumed run continues from its checkpoint's step, so the lines logged after that checkpoint by
+    the interrupted run would otherwise appear twice. Records without ``global_step`` are kept; a
+    line that is not JSON (the half-written last line of a killed run) is dropped.
+
+    Returns:
+        The number of lines removed (0 when nothing changed; the file is then not rewritten).
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            removed += bool(line.strip())
+            continue
+        gs = rec.get("global_step") if isinstance(rec, dict) else None
+        if isinstance(gs, (int, float)) and gs > step:
+            removed += 1
+            continue
+        kept.append(line)
+    if removed:
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+        log.info("%s: removed %d records logged after step %d (they are trained again)", path, removed, step)
+    return removed
 
 
 @dataclass
@@ -169,8 +229,9 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
             if run_dir is not None:
                 save_features(run_dir / FEATURES_FILE, features)
         if not features:
-            raise ValueError(f"paradigm {cfg.prompt.paradigm}: none of the modalities {cfg.features.modalities} has "
-                             f"features for dataset {prepared.dataset.name}")
+            raise ConfigError(f"prompt.paradigm={cfg.prompt.paradigm}: none of the modalities features.modalities="
+                              f"{cfg.features.modalities} has features for dataset {prepared.dataset.name} (add one "
+                              "it has, e.g. collab, or use paradigm titles/verbose)")
         mods = list(features)
         H = llm.get_input_embeddings().weight.shape[1]
         rms = embedding_rms(llm)
@@ -242,7 +303,10 @@ def added_embedding_rows(comp: Components) -> dict[str, torch.Tensor]:
 def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None = None,
              prepared: PreparedData | None = None) -> Components:
     """Rebuild a trained run's components from its folder (config, features, trainable weights)."""
+    from speeder_fast.checkpoint import refuse_checkpoint_dir
+
     run_dir = Path(run_dir)
+    refuse_checkpoint_dir(run_dir, "--run")
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.toml (is this a speeder_fast run folder?)")
