@@ -96,6 +96,8 @@ class ModelConfig:
     head_projection: bool = _f(True, "answer_mode=item: a learned H x H projection of the LLM hidden state before "
                                "scoring the items")
     head_item_bias: bool = _f(True, "answer_mode=item: a learned per-item logit bias (it absorbs popularity)")
+    head_bias_init: str = _f("zeros", "answer_mode=item: initial item bias, zeros | popularity (log of the training "
+                             "counts + 1, centred: the head starts as the popularity ranking)")
 
 
 @dataclass
@@ -341,6 +343,8 @@ def validate(cfg: Config) -> None:
         errs.append(f"prompt.answer_mode: {cfg.prompt.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
     if cfg.model.head_similarity not in ("cosine", "dot"):
         errs.append(f"model.head_similarity: {cfg.model.head_similarity!r} is not cosine or dot")
+    if cfg.model.head_bias_init not in ("zeros", "popularity"):
+        errs.append(f"model.head_bias_init: {cfg.model.head_bias_init!r} is not zeros or popularity")
     if not cfg.model.head_temperature > 0:
         errs.append(f"model.head_temperature must be > 0, got {cfg.model.head_temperature}")
     if cfg.train.item_loss not in ("auto", "full", "sampled"):

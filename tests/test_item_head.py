@@ -319,3 +319,30 @@ def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path,
                            "--out", str(out)]) == 0
     top = [json.loads(x)["recommendations"][0]["item"] for x in out.read_text().splitlines()]
     assert top == [str(i) for i in prepared.test.targets]  # HR@1 = 1 on the persisted candidates too
+
+
+@pytest.mark.parametrize("paradigm", ["speeder", "titles"])
+def test_build_components_item_mode(llm_dir, cache, paradigm):
+    """Item mode: sequence windows, a head tied to a MoME (text-only for titles, no SPAE there), the
+    popularity bias init, and the head trained in the stage (``set_trainable``)."""
+    from speeder_fast.evaluate import item_popularity
+    from speeder_fast.training.loop import resolve_stages, set_trainable
+    from speeder_fast.training.run import build_components
+
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = tiny.train_config(llm_dir, "unused")
+    cfg.prompt.paradigm, cfg.prompt.answer_mode = paradigm, "item"
+    cfg.features.sasrec_epochs, cfg.features.sasrec_dim = 1, 16
+    cfg.model.head_bias_init = "popularity"
+    comp = build_components(cfg, progress=False, prepared=prepared)
+    m = comp.model
+    assert len(comp.prepared.train) == len(prepared.with_sequence_windows(5).train) < len(prepared.train)
+    assert m.item_head is not None and m.mome is not None
+    assert (m.positions is None) == (paradigm == "titles")
+    assert list(m.mome.modalities) == (["text", "collab"] if paradigm == "speeder" else ["text"])
+    logc = np.log1p(item_popularity(prepared))
+    np.testing.assert_allclose(m.item_head.bias.detach().numpy(), logc - logc.mean(), rtol=1e-5, atol=1e-6)
+    stage = resolve_stages(cfg, comp.modalities)[-1]
+    params = {id(p) for p in set_trainable(comp, stage, set())}
+    assert all(id(p) in params for p in m.item_head.parameters())
+    assert all(id(p) in params for p in m.mome.parameters_of(["text"]))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from speeder_fast.config import Config, ConfigError, load_config, to_toml
@@ -246,6 +247,12 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
         mc = cfg.model
         head = ItemHead(H, prepared.dataset.n_items, mc.head_similarity, mc.head_temperature, mc.head_projection,
                         mc.head_item_bias)
+        if head.bias is not None and mc.head_bias_init == "popularity":
+            from speeder_fast.evaluate import item_popularity
+
+            with torch.no_grad():
+                logc = torch.from_numpy(np.log1p(item_popularity(prepared))).float()
+                head.bias.copy_(logc - logc.mean())
     model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing, item_head=head)
     if item_mode:
         model.item_loss = item_loss_settings(cfg, prepared)
