@@ -35,8 +35,11 @@ original example order.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -167,6 +170,7 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
         return _ENV
     backend = "nccl" if kind == "cuda" else "gloo"
     if not dist.is_initialized():
+        _import_group_defaults()
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             kwargs["device_id"] = dev  # binds the communicator eagerly (torch >= 2.3)
@@ -178,11 +182,46 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
     return _ENV
 
 
+def _import_group_defaults() -> None:
+    """Import ``torch.distributed.nn`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated when the module is first
+    imported. DistributedDataParallel imports it lazily (DDP -> fsdp -> _shard -> reshard) on its first
+    construction, i.e. after ``init_process_group``, so without this the defaults hold the live default
+    group forever and :func:`cleanup` cannot free it (see there). Imported first, they hold None.
+    """
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:  # pragma: no cover - optional parts of torch.distributed missing
+        pass
+
+
 def cleanup() -> None:
-    """Destroy the process group (if any); safe to call always, e.g. in a ``finally``."""
+    """Tear the process group down (if any); safe to call always, e.g. in a ``finally``.
+
+    The group must really be freed here, not just deregistered: freeing it runs the backend's destructor,
+    which joins gloo's worker threads (with the GIL released). A worker thread releases a finished
+    collective, and with it the collective's tensors, only *after* the caller has been woken. When Python
+    has already dropped such a tensor, torch keeps its Python object alive from C++, so that release takes
+    the GIL. If it comes while the interpreter is finalizing (process exit), CPython ends the thread with
+    ``pthread_exit``; the forced unwind runs into a noexcept destructor and the process aborts with
+    "terminate called without an active exception" (SIGABRT), rarely, and more often on a loaded machine.
+    Joining the worker threads before returning closes that window. A group that is still referenced
+    after ``destroy_process_group`` (e.g. by a live DistributedDataParallel wrapper) is not freed; that is
+    logged.
+    """
     global _ENV
     if dist.is_available() and dist.is_initialized():
+        group = weakref.ref(dist.group.WORLD)
         dist.destroy_process_group()
+        if group() is not None:
+            gc.collect()  # wrappers (DDP) that are only kept alive by reference cycles
+        if group() is not None:
+            exiting_on_error = sys.exc_info()[0] is not None
+            (log.debug if exiting_on_error else log.warning)(
+                "the default process group is still referenced after destroy_process_group() (e.g. by a live "
+                "DistributedDataParallel wrapper), so its backend threads outlive cleanup(); drop those "
+                "references before cleanup() to avoid an abort at interpreter exit")
     _ENV = None
 
 

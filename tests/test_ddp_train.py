@@ -46,6 +46,7 @@ def test_two_process_ddp_matches_single_process(inputs, tmp_path, precision):  #
                          "-m", "speeder_fast.train", "--config", str(tmp_path / "ddp.toml"), "--no-progress"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, (r2.stdout[-2000:], r2.stderr[-4000:])
+    assert "still referenced after destroy_process_group" not in r2.stderr  # cleanup() freed the group
     assert r2.stdout.count("run folder:") == 1  # only rank 0 prints / writes
     a, b = out / "single", out / "ddp"
     la, lb = train_losses(a), train_losses(b)

@@ -167,6 +167,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         D.cleanup()
+    (Path(out_dir) / f"rank{rank}.threads.json").write_text(json.dumps(_backend_threads()))
+
+
+def _backend_threads() -> list[str] | None:
+    """Names of this process's gloo threads (worker ``pt_gloo_runloop``, I/O ``gloo_tcp_loop``) that are
+    alive; None where /proc cannot tell."""
+    task = Path(f"/proc/{os.getpid()}/task")
+    if not task.is_dir():
+        return None
+    names = []
+    for t in task.iterdir():
+        try:
+            names.append((t / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(n for n in names if "gloo" in n)
 
 
 def _free_port() -> int:
@@ -186,6 +202,11 @@ def test_ddp_two_processes_match_single_process(tmp_path):
                 p.kill()
             pytest.fail("2-process gloo job did not finish in 120 s")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for r in range(world):
+        # cleanup() freed the group: gloo's worker threads were joined before the process exits (a worker
+        # still releasing a collective's tensors at interpreter exit aborts the process with SIGABRT)
+        threads = json.loads((tmp_path / f"rank{r}.threads.json").read_text())
+        assert threads in (None, []), f"rank {r}: gloo threads alive after cleanup(): {threads}"
 
     ref_losses, ref_params, _ = _fit(1, 0)  # one process, global batch 8, same data order
     steps = EPOCHS * -(-N_TRAIN // GLOBAL_BATCH)
