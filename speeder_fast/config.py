@@ -53,6 +53,8 @@ class DataConfig:
 class FeatureConfig:
     modalities: list = _f(["text", "collab"], "modalities to use: any of text, image, collab")
     text_encoder: str = _f("llm", "'llm' (mean of the LLM input embeddings) or a sentence-encoder path/HF id")
+    text_hidden_layer: int = _f(-1, "text_encoder 'llm-hidden': layer whose hidden states are mean-pooled (0 = "
+                                "embeddings, L = last after the final norm, negative counts from the end)")
     text_template: str = _f("{title}. {brand}. {categories}. {description}",
                             "item text template; fields: title, description, brand, categories, any extra field")
     text_max_tokens: int = _f(128, "max tokens of item text fed to the text encoder")
