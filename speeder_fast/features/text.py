@@ -601,14 +601,14 @@ class SentenceTextEncoder:
         return feats, mask
 
 
-def make_text_encoder(spec: str, llm: Any = None, device: str | torch.device = "cpu", hidden_layer: int = -1):
+def make_text_encoder(spec: str, llm: Any = None, device: str | torch.device = "cpu", hidden_layer: int | None = None):
     """Resolve ``FeatureConfig.text_encoder``.
 
     * ``"llm"``: ``llm`` is a model folder path, a ``(tokenizer, embedding_weight)`` or
       ``(tokenizer, model)`` pair, or an :class:`LLMEmbeddingTextEncoder`.
     * ``"llm-hidden"``: ``llm`` is a model folder path (loaded in float32 on ``device``), a
       ``(tokenizer, model)`` pair (used where it is) or an :class:`LLMHiddenTextEncoder`;
-      ``hidden_layer`` = ``FeatureConfig.text_hidden_layer``.
+      ``hidden_layer`` = ``FeatureConfig.text_hidden_layer`` (None: that field's default).
     * ``"minilm"``: the offline all-MiniLM-L6-v2 asset (:func:`speeder_fast.assets.minilm_path`,
       fetched and verified on first use).
     * anything else: a local sentence-encoder folder (:class:`SentenceTextEncoder`).
@@ -623,6 +623,10 @@ def make_text_encoder(spec: str, llm: Any = None, device: str | torch.device = "
 
         return SentenceTextEncoder(minilm_path(), device)
     if spec == "llm-hidden":
+        if hidden_layer is None:
+            from ..config import FeatureConfig
+
+            hidden_layer = FeatureConfig.text_hidden_layer
         if isinstance(llm, LLMHiddenTextEncoder):
             return llm
         if isinstance(llm, (str, Path)):
