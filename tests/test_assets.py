@@ -1,8 +1,9 @@
 """Tests for speeder_fast.assets: offline wheel cache, hash checks, extraction, resolution, CLI.
 
 All tests are offline: fake wheels are built with ``zipfile`` in ``tmp_path`` and pre-seeded
-into a temporary ``$SPEEDER_CACHE``; pip is replaced by fakes. The two ``slow`` tests at the end
-use the real PyPI wheels and run only with ``SPEEDER_NETWORK_TESTS=1``.
+into a temporary ``$SPEEDER_CACHE``; pip is replaced by fakes. The two ``slow`` tests for SmolLM2
+and MovieLens use the real PyPI wheels and run only with ``SPEEDER_NETWORK_TESTS=1``; the real
+MiniLM test uses the wheel from the user's asset cache when it is there (a few seconds).
 """
 
 from __future__ import annotations
