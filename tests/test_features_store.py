@@ -190,3 +190,51 @@ def test_build_item_features_rejects_unknown_modality(tmp_path):
 
 def test_module_exports():
     assert build_mod.MODALITIES == ("text", "image", "collab")
+
+
+def test_text_store_entry_changes_with_encoder_layer_and_pooling(tmp_path, monkeypatch):
+    """Switching features.text_encoder / text_hidden_layer never reuses another encoder's entry."""
+    import tiny
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from speeder_fast.features import text as text_mod
+    from speeder_fast.features.build import text_store_entry
+
+    p = toy_prepared(n_users=10, n_items=28, seed=3)
+    tok = tiny.make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    calls = []
+    real = text_mod.encode_item_texts
+
+    def counting(ds, enc, *a, **k):
+        calls.append(enc.encoder_id)
+        return real(ds, enc, *a, **k)
+
+    monkeypatch.setattr(text_mod, "encode_item_texts", counting)
+    store = FeatureStore(tmp_path)
+    cfgs = {"llm": FeatureConfig(modalities=["text"], store_dtype="float32"),
+            "hidden-l1": FeatureConfig(modalities=["text"], text_encoder="llm-hidden", text_hidden_layer=1,
+                                       store_dtype="float32"),
+            "hidden-l2": FeatureConfig(modalities=["text"], text_encoder="llm-hidden", text_hidden_layer=-1,
+                                       store_dtype="float32")}
+    keys, feats = {}, {}
+    for name, cfg in cfgs.items():
+        enc = text_mod.make_text_encoder(cfg.text_encoder, (tok, model), hidden_layer=cfg.text_hidden_layer)
+        enc_id, opts = text_store_entry(enc, cfg)
+        keys[name] = FeatureStore.key(p.dataset, "text", enc_id, opts, cfg.store_dtype)
+        assert store.stale_reason(p.dataset, "text", enc_id, opts, "float32") == "not built yet"
+        feats[name] = build_item_features(p, cfg, llm=(tok, model), store_root=tmp_path, progress=False)["text"]
+        assert store.stale_reason(p.dataset, "text", enc_id, opts, "float32") is None
+    assert len(set(keys.values())) == 3 and len(calls) == 3 and len(set(calls)) == 3
+    assert len(list((tmp_path / p.dataset.name / "text").glob("*.safetensors"))) == 3  # one file per encoder/layer
+    assert not torch.allclose(feats["hidden-l1"][0].float(), feats["hidden-l2"][0].float())
+    # back to layer 1: served from the store, nothing encoded
+    again = build_item_features(p, cfgs["hidden-l1"], llm=(tok, model), store_root=tmp_path, progress=False)["text"]
+    assert len(calls) == 3 and torch.equal(again[0], feats["hidden-l1"][0])
+    # another pooling of the same encoder is another key even with the same encoder id
+    enc = text_mod.make_text_encoder("llm-hidden", (tok, model), hidden_layer=1)
+    enc_id, opts = text_store_entry(enc, cfgs["hidden-l1"])
+    assert FeatureStore.key(p.dataset, "text", enc_id, {**opts, "pooling": "other"}, "float32") != keys["hidden-l1"]

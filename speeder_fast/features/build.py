@@ -32,6 +32,17 @@ def _image_source_fingerprint(source: str, item_ids: list[str]) -> str:
     return h.hexdigest()
 
 
+def text_store_entry(encoder: Any, feature_cfg: FeatureConfig) -> tuple[str, dict]:
+    """``(encoder_id, options)``: the feature-store identity of ``encoder``'s text features.
+
+    The encoder id names the encoder and fingerprints its weights and tokenizer (and, for
+    ``llm-hidden``, the layer); the options add the template, ``text_max_tokens`` and the pooling.
+    Both enter the store key, so another encoder, layer or pooling never reuses an entry.
+    """
+    return encoder.encoder_id, {"template": feature_cfg.text_template, "max_tokens": feature_cfg.text_max_tokens,
+                                "pooling": encoder.pooling}
+
+
 def build_item_features(prepared: PreparedData, feature_cfg: FeatureConfig, llm: Any = None,
                         device: str | torch.device = "cpu", store_root: str | Path | None = None,
                         sasrec_overrides: dict | None = None, batch_size: int = 256,
@@ -43,7 +54,10 @@ def build_item_features(prepared: PreparedData, feature_cfg: FeatureConfig, llm:
         feature_cfg: modalities, text template/encoder, image source/encoder, SASRec size/epochs,
             store dtype.
         llm: for ``text_encoder = "llm"``: a model folder path, ``(tokenizer, embedding_weight)``,
-            ``(tokenizer, model)`` or an :class:`~speeder_fast.features.text.LLMEmbeddingTextEncoder`.
+            ``(tokenizer, model)`` or an :class:`~speeder_fast.features.text.LLMEmbeddingTextEncoder`;
+            for ``"llm-hidden"``: a model folder path, ``(tokenizer, model)`` or an
+            :class:`~speeder_fast.features.text.LLMHiddenTextEncoder`; unused for ``"minilm"`` or a
+            sentence-encoder folder.
         device: where encoders run (CLIP, sentence encoder, SASRec training).
         store_root: feature store folder (default ``$SPEEDER_CACHE/features``).
         sasrec_overrides: extra :class:`~speeder_fast.features.sasrec.SASRecConfig` fields.
@@ -64,11 +78,10 @@ def build_item_features(prepared: PreparedData, feature_cfg: FeatureConfig, llm:
         if mod == "text":
             from .text import encode_item_texts, make_text_encoder
 
-            enc = make_text_encoder(feature_cfg.text_encoder, llm, device)
-            opts = {"template": feature_cfg.text_template, "max_tokens": feature_cfg.text_max_tokens,
-                    "pooling": enc.pooling}
+            enc = make_text_encoder(feature_cfg.text_encoder, llm, device, hidden_layer=feature_cfg.text_hidden_layer)
+            enc_id, opts = text_store_entry(enc, feature_cfg)
             out[mod] = store.get_or_build(
-                ds, mod, enc.encoder_id, opts,
+                ds, mod, enc_id, opts,
                 lambda enc=enc: encode_item_texts(ds, enc, feature_cfg.text_template, feature_cfg.text_max_tokens,
                                                   batch_size, device, progress), dtype)
         elif mod == "image":
