@@ -117,8 +117,10 @@ class PromptConfig:
                           "candidates in the prompt, every history position is trained, SASRec-style)")
     description_tokens: int = _f(128, "verbose paradigm: description token budget per history item")
     title_tokens: int = _f(32, "max tokens of a title")
-    item_instruction: str = _f("Predict the next item from the user's history.",
-                               "answer_mode=item: instruction text (replaces `system`; no candidates are listed)")
+    item_instruction: str = _f("User history, oldest first:",
+                               "answer_mode=item: the text before the history lines (replaces `system` and "
+                               "`history_header`; short on purpose: every token of it is computed for every "
+                               "training example)")
     system: str = _f("You are a recommender. Given the items a user interacted with, in order, pick the item "
                      "they will interact with next from the candidates.", "instruction text")
     history_header: str = _f("History (oldest to newest):", "text before the history")

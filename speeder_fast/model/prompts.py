@@ -212,7 +212,7 @@ class PromptBuilder:
         self.label_strings, self.label_ids = self._resolve_labels(cfg.labels)
         enc = self._encode
         # static fragments (item mode: its own instruction, no candidates block, no answer prefix)
-        self.head_ids = enc(f"{cfg.item_instruction if self.item_mode else cfg.system}\n{cfg.history_header}\n")
+        self.head_ids = enc(f"{cfg.item_instruction}\n" if self.item_mode else f"{cfg.system}\n{cfg.history_header}\n")
         self.cand_head_ids = enc("" if self.item_mode else f"{cfg.candidates_header}\n")
         self.answer_prefix_ids = enc("" if self.item_mode else cfg.answer_prefix)
         hist_pre, self.hist_post_ids = _split_template(cfg.history_item, ["item"], "history_item")
