@@ -167,6 +167,10 @@ class TrainConfig:
     num_workers: int = _f(0, "data-loader workers")
     log_every: int = _f(10, "log metrics every N steps")
     packing: str = _f("auto", "auto | on | off: padding-free packing of examples")
+    prefix_share: bool = _f(False, "run the fixed instruction prefix once per training forward ([1, P] with "
+                                   "gradients, broadcast over the batch) instead of once per example: the same loss "
+                                   "and gradients (with LoRA dropout > 0 the prefix shares one dropout mask); not with "
+                                   "gradient checkpointing (transformers drops caches there)")
     item_loss: str = _f("auto", "answer_mode=item training loss: full (softmax over the whole catalogue, logits "
                                 "chunked by item_logit_chunk) | sampled (sampled softmax with logQ correction, "
                                 "item_negatives shared negatives per step) | auto (full up to item_full_max items)")
@@ -194,6 +198,14 @@ class EvalConfig:
                              "(CUDA graphs) | max-autotune (torch.compile modes)")
     length_multiple: int = _f(16, "eval.compile != off: prompts are padded to a multiple of this many tokens "
                                   "(one compiled graph per length bucket)")
+    constrained: bool = _f(True, "generate mode: decode only continuations inside a candidate's title (prefix "
+                                 "trie, logits masked to the allowed tokens) and stop at the first prefix that names "
+                                 "one candidate: ValidRatio = 1, a few tokens per answer; false = the plain LLaRA "
+                                 "protocol (free greedy text up to generate_max_tokens, string-matched to titles)")
+    prefix_cache: bool = _f(True, "inference (evaluation, validation, recommend, generation): compute the keys/values "
+                                  "of the fixed instruction that starts every prompt once per model state and run the "
+                                  "decoder only on the rest of each prompt (same results to fp32 rounding); false = "
+                                  "recompute it for every example")
 
 
 @dataclass

@@ -3,13 +3,20 @@
     python -m speeder_fast.evaluate --run runs/DIR [--split test] [--mode score|generate|item]
                                     [--max-examples N] [--batch-size B] [--checkpoint final]
                                     [--compile off|auto|static|default|reduce-overhead|max-autotune]
+                                    [--constrained on|off] [--prefix-cache on|off]
 
 Metrics (every example has ``N`` persisted candidates that contain the target once):
 
 * ``VHR@1``: correct answers / all examples (an invalid answer is a miss) -- the Speeder metric.
 * ``ValidRatio``: valid answers / all examples. Score mode always answers validly (the argmax over
-  the candidate label tokens); in generate mode an answer is valid iff the greedy continuation
-  equals exactly one candidate's title.
+  the candidate label tokens); in generate mode with ``eval.constrained`` (default) decoding is
+  restricted to the candidates' titles (:mod:`speeder_fast.model.decoding`), so every answer is
+  valid; with ``eval.constrained=false`` (the plain LLaRA protocol) an answer is valid iff the free
+  greedy continuation equals exactly one candidate's title.
+* ``decoded_tokens_mean`` (generate mode): tokens decoded per example (constrained: up to the first
+  prefix that names one candidate; plain: up to and including eos, at most
+  ``eval.generate_max_tokens``); ``constrained_ties``: constrained answers that ended with several
+  candidates of identical titles (the first was taken).
 * ``HR@1``: correct / valid answers (LLaRA's convention).
 * ``HR@5``, ``HR@10``, ``NDCG@5``, ``NDCG@10``: from the ranking of the candidates (score mode: the
   label-token logits; item mode: the next-item head's scores of the candidates).
@@ -125,12 +132,17 @@ def evaluate_split(
     progress: bool = True,
     compile_mode: str = "off",
     length_multiple: int = 16,
+    constrained: bool = True,
 ) -> dict[str, Any]:
     """Score or generate answers for ``split`` with ``model`` and return the metric dict.
 
     ``compile_mode`` / ``length_multiple`` (config ``eval.compile`` / ``eval.length_multiple``):
     score mode on static shapes through :class:`~speeder_fast.model.static.StaticScorer` (same
     scores; compiled and, with ``reduce-overhead`` on CUDA, replayed as CUDA graphs).
+    ``constrained`` (config ``eval.constrained``): generate mode decodes only candidate titles and
+    stops at the first prefix naming one candidate (else free greedy text, string-matched). The
+    prefix KV cache follows ``model.prefix_cache`` (config ``eval.prefix_cache``); the result
+    records both (``constrained``, ``prefix_cache_tokens``: the cached prefix length, 0 = off).
 
     Under ``torchrun`` every rank must call it: each scores a contiguous shard of the selected
     examples (:func:`~speeder_fast.distributed.shard_indices_for_eval`) and the per-example results
@@ -162,7 +174,9 @@ def evaluate_split(
     elif resolve_compile(compile_mode, device) != "off":
         log.info("eval.compile=%s applies to score mode only; generating eagerly", compile_mode)
     t0 = time.perf_counter()
-    correct, valid, ranks, fulls, ptoks, hlen, texts = [], [], [], [], [], [], []
+    correct, valid, ranks, fulls, ptoks, hlen, texts, decoded = [], [], [], [], [], [], [], []
+    ties = 0
+    prefix_tokens = 0
     bar = tqdm(range(0, len(idx), batch_size), desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)
     for s in bar:
         rows = idx[s : s + batch_size]
@@ -172,6 +186,8 @@ def evaluate_split(
         )
         ptoks.append(batch.prompt_tokens.numpy())
         hlen.append(batch.history_lengths.numpy())
+        if getattr(model, "prefix_cache", False) and batch.prefix:
+            prefix_tokens = len(batch.prefix)
         tgt = batch.target_idx
         b = batch.to(device)
         if mode == "item":  # the whole catalogue: candidate ranks and full ranks from one score matrix
@@ -187,10 +203,22 @@ def evaluate_split(
             ranks.append(r)
             correct.append(r == 0)
             valid.append(np.ones(len(rows), dtype=bool))
+        elif constrained:  # decode inside the candidates' titles only; every answer names one candidate
+            seqs = torch.from_numpy(builder.answer_sequences(batch.candidates)).to(device)
+            res = model.generate_constrained(b, seqs, builder.eos_id, builder.pad_id)
+            pred = res.choice.cpu()
+            texts.extend(builder.decode_answer(row) for row in res.tokens.cpu().tolist())
+            decoded.append(res.n_decoded.cpu().numpy())
+            ties += int(res.ties.sum())
+            correct.append((pred == tgt).numpy())
+            valid.append(np.ones(len(rows), dtype=bool))
         else:
-            gen = model.generate(b, generate_max_tokens, builder.eos_id, builder.pad_id)
-            txt, pred = match_generated(builder, gen, batch.candidates)
+            from speeder_fast.model.decoding import greedy_decode
+
+            res = greedy_decode(model, b, generate_max_tokens, builder.eos_id, builder.pad_id)
+            txt, pred = match_generated(builder, res.tokens, batch.candidates)
             texts.extend(txt)
+            decoded.append(res.n_decoded.cpu().numpy())
             correct.append((pred == tgt).numpy())
             valid.append((pred >= 0).numpy())
     if was_training:
@@ -202,6 +230,7 @@ def evaluate_split(
     full_a = np.concatenate(fulls) if fulls else None
     hlen_a = np.concatenate(hlen) if hlen else np.zeros(0, np.int64)
     ptok_a = np.concatenate(ptoks) if ptoks else np.zeros(0, np.int64)
+    dec_a = np.concatenate(decoded) if decoded else np.zeros(0, np.int64)
     if world > 1:  # gather per-example results in rank order (= the original order)
         def _g(a: np.ndarray) -> np.ndarray:
             return gather_tensor(torch.from_numpy(np.ascontiguousarray(a))).numpy()
@@ -210,6 +239,9 @@ def evaluate_split(
         valid_a = _g(valid_a.astype(np.uint8)).astype(bool)
         hlen_a = _g(hlen_a.astype(np.int64))
         ptok_a = _g(ptok_a.astype(np.int64))
+        if mode == "generate":
+            dec_a = _g(dec_a.astype(np.int64))
+            ties = int(gather_tensor(torch.tensor([ties], dtype=torch.int64)).sum())
         if mode in ("score", "item"):
             ranks_a = _g((ranks_a if ranks_a is not None else np.zeros(0, np.int64)).astype(np.int64))
         if mode == "item":
@@ -223,7 +255,12 @@ def evaluate_split(
         seconds=seconds,
         examples_per_s=n_selected / seconds if seconds > 0 else 0.0,
         random_hr1=1.0 / cands.shape[1],
+        prefix_cache_tokens=prefix_tokens,
     )
+    if mode == "generate":
+        out.update(constrained=bool(constrained), decoded_tokens_mean=float(dec_a.mean()) if len(dec_a) else 0.0)
+        if constrained:
+            out["constrained_ties"] = ties
     buckets = {}
     for lo, hi in BUCKETS:
         m = (hlen_a >= lo) & (hlen_a <= hi)
@@ -369,12 +406,17 @@ def evaluate_run(
     progress: bool = True,
     prepared: PreparedData | None = None,
     compile_mode: str | None = None,
+    constrained: bool | None = None,
+    prefix_cache: bool | None = None,
 ) -> tuple[dict, dict | None, str]:
-    """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown)."""
+    """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown).
+    ``constrained`` / ``prefix_cache``: override ``eval.constrained`` / ``eval.prefix_cache``."""
     from speeder_fast.training.run import load_run
 
     comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared)
     cfg = comp.cfg
+    if prefix_cache is not None:
+        comp.model.prefix_cache = bool(prefix_cache)
     split = split or cfg.eval.split
     mode = mode or cfg.prompt.answer_mode
     n_max = cfg.eval.max_examples if max_examples is None else max_examples
@@ -382,6 +424,7 @@ def evaluate_run(
         comp.model, comp.builder, comp.prepared, split, mode, n_max, batch_size or cfg.eval.batch_size,
         cfg.eval.generate_max_tokens, comp.device, seed=cfg.seed, progress=progress,
         compile_mode=compile_mode or cfg.eval.compile, length_multiple=cfg.eval.length_multiple,
+        constrained=cfg.eval.constrained if constrained is None else bool(constrained),
     )
     result["checkpoint"] = checkpoint
     sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max)
@@ -412,14 +455,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
                     help="score mode on static shapes, compiled (reduce-overhead = CUDA graphs); "
                          "default: eval.compile of the run (off unless set)")
+    ap.add_argument("--constrained", choices=["on", "off"], default=None,
+                    help="generate mode: decode only candidate titles, stop at the first unique prefix (on), or "
+                         "free greedy text string-matched to titles, the plain LLaRA protocol (off); "
+                         "default: eval.constrained of the run (on unless set)")
+    ap.add_argument("--prefix-cache", choices=["on", "off"], default=None,
+                    help="serve the fixed instruction prefix from its cached keys/values (on) or recompute it for "
+                         "every example (off); default: eval.prefix_cache of the run (on unless set)")
     args = ap.parse_args(argv)
     from speeder_fast.errors import UsageError, run_cli
 
     def body() -> int:
         if not Path(args.run).is_dir():
             raise UsageError(f"--run {args.run}: run folder does not exist")
+        onoff = {"on": True, "off": False, None: None}
         _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
-                                args.device, compile_mode=args.compile)
+                                args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
+                                prefix_cache=onoff[args.prefix_cache])
         print(md)
         print(f"written to {Path(args.run).resolve()}")
         return 0

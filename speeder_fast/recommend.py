@@ -3,6 +3,7 @@
     python -m speeder_fast.recommend --run runs/DIR --users users.txt [--top-k 5] [--split test]
                                      [--candidates catalogue | persisted | all-unseen N] [--seed 0]
                                      [--out recs.jsonl] [--batch-size B] [--checkpoint final] [--device cpu]
+                                     [--compile MODE] [--prefix-cache on|off]
 
 ``--users FILE``: one raw user id per line (blank lines and lines starting with ``#`` are
 skipped), or the word ``all`` for every user with a row in the split.
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
                     help="score on static shapes, compiled (reduce-overhead = CUDA graphs, pays for many "
                          "batches of one shape); default: eval.compile of the run (off unless set)")
+    ap.add_argument("--prefix-cache", choices=["on", "off"], default=None,
+                    help="serve the fixed instruction prefix from its cached keys/values (on) or recompute it for "
+                         "every user (off); default: eval.prefix_cache of the run (on unless set)")
     args = ap.parse_args(argv)
 
     def body() -> int:
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
         comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
         comp.model.set_packing(comp.cfg.train.packing)
+        if args.prefix_cache is not None:
+            comp.model.prefix_cache = args.prefix_cache == "on"
         ds = comp.prepared.dataset
         mode = mode or ("catalogue" if comp.builder.item_mode else "persisted")
         if args.users == "all":

@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,
                                 cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.generate_max_tokens, comp.device,
                                 seed=cfg.seed, progress=not args.no_progress, compile_mode=cfg.eval.compile,
-                                length_multiple=cfg.eval.length_multiple)
+                                length_multiple=cfg.eval.length_multiple, constrained=cfg.eval.constrained)
         result["checkpoint"] = "final"
         if rank0:
             print(report_with_references(res.run_dir, cfg, comp.prepared, result, cfg.eval.max_examples)[1])

@@ -267,10 +267,20 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 
 def _sdpa_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-                   dropout: float, scaling: float | None, causal: bool) -> torch.Tensor:
+                   dropout: float, scaling: float | None, causal: bool, n_prefix: int = 0) -> torch.Tensor:
     """Packed ``[1, H, T, D]`` -> per-example right-padded blocks ``[B, H, max_len, D]`` by index,
     causal SDPA (right padding is never seen by a real query under a causal mask), and back.
-    No host sync: ``max_len`` is an int and every index is computed on the device."""
+    No host sync: ``max_len`` is an int and every index is computed on the device.
+
+    ``n_prefix = P > 0`` (prefix KV cache): ``k`` / ``v`` are ``[1, Hkv, P + T, D]`` whose first ``P``
+    keys are a prefix shared by every example; each block's keys become ``[prefix | own tokens]``
+    (``[B, Hkv, P + max_len, D]``) under a bottom-right causal mask (query ``i`` sees the prefix and
+    its own tokens ``<= i``)."""
+    if n_prefix:
+        if not causal:
+            raise ValueError("speeder_varlen: a shared key prefix needs causal attention")
+        pk, pv = k[:, :, :n_prefix], v[:, :, :n_prefix]
+        k, v = k[:, :, n_prefix:], v[:, :, n_prefix:]
     t = q.shape[2]
     b = cu.shape[0] - 1
     cu = cu.long()
@@ -286,11 +296,34 @@ def _sdpa_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.
     mask = None
     if not causal:  # keys beyond an example's end must be hidden explicitly
         mask = valid[:, None, None, :]
-    out = _sdpa(blocks(q), blocks(k), blocks(v), mask, dropout, scaling, causal)  # [B, H, max_len, D]
+    kb, vb = blocks(k), blocks(v)
+    if n_prefix:
+        kb = torch.cat([pk.expand(b, -1, -1, -1), kb], 2)
+        vb = torch.cat([pv.expand(b, -1, -1, -1), vb], 2)
+        mask = _causal_bool(max_len, n_prefix + max_len, q.device)[None, None]
+    out = _sdpa(blocks(q), kb, vb, mask, dropout, scaling, causal and not n_prefix)  # [B, H, max_len, D]
     seg = torch.searchsorted(cu[1:], torch.arange(t, device=q.device), right=True)  # [T]
     flat = seg * max_len + (torch.arange(t, device=q.device) - cu[seg])
     out = out.transpose(1, 2).reshape(b * max_len, out.shape[1], out.shape[-1])  # [B*max_len, H, D]
     return out.index_select(0, flat).unsqueeze(0)  # [1, T, H, D]
+
+
+def prefix_key_index(cu_q: torch.Tensor, n_prefix: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key layout of a packed row whose examples share a ``P``-token key prefix.
+
+    The keys arrive as one row ``[prefix (P) | packed suffix tokens (T)]``; varlen kernels need every
+    example's keys contiguous: ``[prefix | example 0] [prefix | example 1] ...``. Returns
+    ``(index [B*P + T], cu_k [B + 1] int32)``: rows of the incoming ``P + T`` keys in that order, and
+    the key row's cumulative lengths (``cu_q + P * i``). Device ops only (``n_tokens`` = T is the
+    query row's length, a host int)."""
+    b = cu_q.shape[0] - 1
+    cu = cu_q.long()
+    cu_k = cu + n_prefix * torch.arange(b + 1, device=cu.device)
+    j = torch.arange(b * n_prefix + n_tokens, device=cu.device)
+    seg = torch.searchsorted(cu_k[1:], j, right=True)
+    local = j - cu_k[seg]
+    index = torch.where(local < n_prefix, local, n_prefix + cu[seg] + local - n_prefix)
+    return index, cu_k.to(torch.int32)
 
 
 def _causal_bool(lq: int, lk: int, device: torch.device) -> torch.Tensor:
@@ -339,6 +372,21 @@ def speeder_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     b, hq, lq, d = query.shape
     lk = key.shape[2]
 
+    use = backend
+    if use == "auto":
+        if query.is_cuda and query.dtype in _HALF and flash_attn_available():
+            use = "flash"
+        elif query.is_cuda and query.dtype in _HALF and torch_varlen_available():
+            use = "varlen"
+        else:
+            use = "sdpa"
+
+    # Packed row + prefix KV cache: the first Lk - Lq keys are a prefix shared by every example.
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if attention_mask is None and lk > lq and b == 1 and cu_q is not None:
+        return _packed_prefix_attention(module, query, key, value, kwargs, lk - lq, use, dropout, scaling,
+                                        causal), None
+
     # Padded batches, prepared masks, KV-cache decoding: SDPA with an explicit mask.
     if attention_mask is not None or lq != lk:
         if attention_mask is None:
@@ -353,15 +401,6 @@ def speeder_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: 
                 mask = mask + torch.zeros(lq, lk, dtype=mask.dtype, device=mask.device).masked_fill(
                     ~_causal_bool(lq, lk, query.device), torch.finfo(mask.dtype).min)
         return _sdpa(query, key, value, mask, dropout, scaling, False).transpose(1, 2).contiguous(), None
-
-    use = backend
-    if use == "auto":
-        if query.is_cuda and query.dtype in _HALF and flash_attn_available():
-            use = "flash"
-        elif query.is_cuda and query.dtype in _HALF and torch_varlen_available():
-            use = "varlen"
-        else:
-            use = "sdpa"
 
     if use in ("flash", "varlen"):
         if not query.is_cuda:
@@ -402,6 +441,38 @@ def speeder_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: 
             mask = mask & _causal_bool(lq, lk, query.device)[None, None]
         out = _sdpa(query, key, value, mask, dropout, scaling, False)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             kwargs: dict, n_prefix: int, use: str, dropout: float, scaling: float | None,
+                             causal: bool) -> torch.Tensor:
+    """Packed query row ``[1, Hq, T, D]`` against keys ``[1, Hkv, P + T, D]`` = a shared prefix (the
+    prefix KV cache) + the packed tokens; returns ``[1, T, Hq, D]``. flash / varlen: keys laid out
+    per example (:func:`prefix_key_index`), bottom-right causal (``seqlen_k = P + seqlen_q``); SDPA:
+    per-example blocks with the prefix prepended (:func:`_sdpa_gathered`). Needs ``cu_seq_lens_q``
+    and ``max_length_q`` (host int); ``cu_seq_lens_k`` / ``max_length_k`` are derived if absent."""
+    if not causal:
+        raise ValueError("speeder_varlen: a shared key prefix (prefix KV cache) needs causal attention")
+    cu_q = kwargs["cu_seq_lens_q"].to(query.device)
+    max_q = kwargs.get("max_length_q")
+    if max_q is None:
+        raise ValueError("speeder_varlen: a packed row with a cached prefix needs max_length_q (a host int)")
+    max_q = _as_int(max_q, "max_length_q")
+    t, hq, d = query.shape[2], query.shape[1], query.shape[3]
+    if use in ("flash", "varlen"):
+        if not query.is_cuda:
+            raise RuntimeError(f"speeder_varlen backend {use!r} needs CUDA tensors, got {query.device}")
+        index, cu_k = prefix_key_index(cu_q, n_prefix, t)
+        q = query[0].transpose(0, 1)  # [T, Hq, D]
+        k = key[0].transpose(0, 1).index_select(0, index)  # [B*P + T, Hkv, D]
+        v = value[0].transpose(0, 1).index_select(0, index)
+        q, k, v, orig = _to_half(q, k, v, module)
+        run = _run_flash if use == "flash" else _run_torch_varlen
+        out = run(q, k, v, cu_q.to(torch.int32), cu_k, max_q, max_q + n_prefix, dropout, scaling, True)
+        return out.to(orig).view(1, t, hq, -1)
+    if use != "sdpa":
+        raise ValueError(f"speeder_varlen: unknown backend {use!r}")
+    return _sdpa_gathered(query, key, value, cu_q, max_q, dropout, scaling, True, n_prefix=n_prefix)
 
 
 def _make(backend: str) -> Callable:

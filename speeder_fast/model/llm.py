@@ -9,8 +9,13 @@ it is needed (answer positions), never to every prompt position:
   generate mode);
 * :meth:`score` -> ``[B, N]`` logits of the candidate label tokens at the answer position (one
   forward ranks every candidate; always a valid answer);
-* :meth:`generate` -> greedy continuation (HF ``generate`` from ``inputs_embeds``), matched
-  against candidate titles by :func:`match_generated`.
+* :meth:`generate` -> greedy continuation (:mod:`.decoding`, KV cache), matched against candidate
+  titles by :func:`match_generated`; :meth:`generate_constrained` -> greedy decoding restricted to
+  the candidates' titles (a batched trie walk), stopped at the first prefix naming one candidate.
+
+At inference the fixed instruction that starts every prompt (``PromptBatch.prefix``) is served
+from a prefix KV cache (:mod:`.prefix_cache`, switch :attr:`SpeederRecModel.prefix_cache`): its
+keys/values are computed once per model state and the decoder runs only on the rest of each prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .item_head import ItemHead, chunked_softmax_ce, sampled_softmax_ce
 from .loss import answer_token_loss, label_logits
 from .mome import MoME
 from .positions import SPAE
+from .prefix_cache import PrefixKV, cache_kwarg, compute_prefix, new_cache, suffix_packing
 from .prompts import PromptBatch, PromptBuilder
 
 log = get_logger("speeder_fast.model")
@@ -192,10 +198,16 @@ class SpeederRecModel(nn.Module):
 
     With ``mome=None`` (``verbose`` / ``titles`` paradigms) the prompts carry no item slots and the
     input embeddings are the plain token embeddings.
+
+    ``prefix_cache`` (config ``eval.prefix_cache``): at inference (eval mode, no grad) serve the
+    shared prompt prefix from its cached keys/values (:meth:`prefix_kv`); ``prefix_train`` (config
+    ``train.prefix_share``): in training, run the prefix once per forward (``[1, P]`` with
+    gradients, broadcast over the batch) instead of once per example.
     """
 
     def __init__(self, llm: nn.Module, mome: MoME | None = None, positions: SPAE | None = None,
-                 packing: str = "auto", item_head: ItemHead | None = None) -> None:
+                 packing: str = "auto", item_head: ItemHead | None = None, prefix_cache: bool = True,
+                 prefix_train: bool = False) -> None:
         super().__init__()
         self.llm = llm
         self.mome = mome
@@ -216,6 +228,16 @@ class SpeederRecModel(nn.Module):
         self.attn_impl = str(getattr(llm, "speeder_attn_impl", None) or getattr(base.config, "_attn_implementation", "sdpa"))
         self.packing = False
         self.set_packing(packing)
+        #: serve the shared prompt prefix from its cached K/V at inference (eval.prefix_cache)
+        self.prefix_cache = bool(prefix_cache)
+        #: share the prefix forward across the batch in training (train.prefix_share)
+        self.prefix_train = bool(prefix_train)
+        self._prefixes: dict[tuple[int, ...], PrefixKV] = {}
+        self._prefix_state: tuple | None = None
+        self._llm_params: list[torch.Tensor] | None = None
+        #: how many times a prefix's K/V were computed for the cache (tests, benchmarks)
+        self.prefix_computations = 0
+        self._cache_kw = cache_kwarg(self.decoder)
         # splice without position cues when the model has no SPAE (not a submodule: no parameters)
         object.__setattr__(self, "_no_cues", SPAE(1, 1, False, False))
 
@@ -226,6 +248,98 @@ class SpeederRecModel(nn.Module):
         self.packing = on
         log.info(f"packing: {'on' if on else 'off'} ({why}; attention {self.attn_impl})")
         return on
+
+    # ------------------------------------------------------------------ prefix KV cache
+    def train(self, mode: bool = True) -> "SpeederRecModel":
+        """``nn.Module.train``; entering training mode drops the cached prefix K/V (weights are about
+        to change), like the MRC catalogue."""
+        if mode:
+            self.invalidate_caches()
+        return super().train(mode)
+
+    def invalidate_caches(self) -> None:
+        """Drop every cached inference tensor: prefix K/V, MRC catalogue, item-head keys. Call it
+        after changing weights in a way the version counters miss (writes through ``param.data``)."""
+        self._prefixes.clear()
+        self._prefix_state = None
+        self._llm_params = None
+        if self.mome is not None:
+            self.mome._catalog = None
+        self._keys_src = self._keys = None
+
+    def _llm_state(self) -> tuple:
+        """Fingerprint of everything the prefix K/V depend on: every LLM parameter's in-place version
+        counter (optimizer steps, ``copy_``, ``load_state_dict`` bump it), the LLM's train/eval flag
+        (dropout), the attention implementation and the embedding table's storage, dtype and
+        device. The parameter list is collected once (walking the peft module tree costs
+        milliseconds; reading ~700 counters ~0.1 ms) and again after :meth:`invalidate_caches` /
+        ``train()``. Not seen: peft's ``disable_adapter()`` context (call :meth:`invalidate_caches`
+        around it, or switch :attr:`prefix_cache` off)."""
+        if self._llm_params is None:
+            self._llm_params = list(self.llm.parameters())
+        w = self.embed.weight  # storage / dtype / device: catches .to(...) and .half() of the model
+        return (self.llm.training, self.attn_impl, w.data_ptr(), w.dtype, w.device,
+                tuple(p._version for p in self._llm_params))
+
+    @torch.no_grad()
+    def prefix_kv(self, ids: Sequence[int]) -> PrefixKV:
+        """Cached :class:`PrefixKV` of the prefix ``ids`` for the current weights (computed on first
+        use and after any weight change; at most 4 distinct prefixes are kept)."""
+        key = tuple(int(i) for i in ids)
+        state = self._llm_state()
+        if state != self._prefix_state:
+            self._prefixes.clear()
+            self._prefix_state = state
+        pkv = self._prefixes.get(key)
+        if pkv is None:
+            if len(self._prefixes) >= 4:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            pkv = compute_prefix(self.decoder, self.embed, self._decoder_config(), key)
+            self._prefixes[key] = pkv
+            self.prefix_computations += 1
+        return pkv
+
+    def _decoder_config(self) -> Any:
+        return getattr(self.decoder, "config", None) or base_model(self.llm).config
+
+    def prefix_for(self, batch: PromptBatch, packed: bool | None = None) -> PrefixKV | None:
+        """The prefix K/V ``batch`` can be served with, or None (run it uncached).
+
+        None when the switch is off, the batch declares no prefix, a padded batch is left-padded
+        (its prefix does not start at column 0; :mod:`.decoding` rearranges those itself), or a
+        packed batch runs on an attention that cannot take a cached prefix (transformers' own
+        ``sdpa`` / ``eager``). Inference (eval mode, no grad): the cached :meth:`prefix_kv`.
+        Training / grad mode: with :attr:`prefix_train`, the prefix computed now with gradients,
+        once for the batch; else None.
+        """
+        training = self.training or torch.is_grad_enabled()
+        if not batch.prefix or not (self.prefix_train if training else self.prefix_cache):
+            return None
+        packed = self.uses_packing(batch) if packed is None else packed
+        if not packed and not batch.right_padded:
+            return None
+        if packed and not str(self.attn_impl).startswith("speeder_varlen"):
+            return None
+        if training:
+            # gradient checkpointing drops every cache in training layers (transformers), so no prefix there
+            if self._checkpointing():
+                return None
+            return compute_prefix(self.decoder, self.embed, self._decoder_config(), tuple(batch.prefix))
+        return self.prefix_kv(batch.prefix)
+
+    def _checkpointing(self) -> bool:
+        """True when a decoder layer runs under gradient checkpointing (transformers then drops caches)."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.decoder.modules())
+
+    def run_decoder(self, embeds: torch.Tensor, cache: Any = None, **kw: Any) -> torch.Tensor:
+        """Decoder last hidden states of ``embeds`` (``cache``: a transformers cache to read and extend)."""
+        if cache is not None:
+            kw[self._cache_kw] = cache
+            kw["use_cache"] = True
+        else:
+            kw.setdefault("use_cache", False)
+        out = self.decoder(inputs_embeds=embeds, **kw)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     # ------------------------------------------------------------------ inputs and hidden states
     def item_tokens(self, batch: PromptBatch) -> torch.Tensor:
@@ -263,6 +377,49 @@ class SpeederRecModel(nn.Module):
         """True when ``batch`` runs packed (packing on and the batch carries its packed form)."""
         return self.packing and batch.packed is not None
 
+    def embeds_of(self, batch: PromptBatch, input_ids: torch.Tensor, slot_item: torch.Tensor,
+                  slot_abs: torch.Tensor, slot_rel: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of any slice of ``batch``'s ids / slot arrays (slots address
+        ``batch.unique_items``)."""
+        if self.mome is None or batch.unique_items.numel() == 0:
+            return F.embedding(input_ids, self.embed.weight)
+        return self.splice(input_ids, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
+
+    def _hidden_padded_prefix(self, batch: PromptBatch, pkv: PrefixKV) -> torch.Tensor:
+        """``[B, L, H]`` of a right-padded batch whose rows start with ``pkv``'s prefix: the decoder
+        runs on columns ``P..L-1`` only (positions ``P..``), the prefix rows are ``pkv.hidden``."""
+        P = pkv.length
+        B, L = batch.input_ids.shape
+        hp = pkv.hidden.expand(B, -1, -1)
+        if L == P:
+            return hp
+        cols = slice(P, None)
+        embeds = self.embeds_of(batch, batch.input_ids[:, cols], batch.slot_item[:, cols], batch.slot_abs[:, cols],
+                                batch.slot_rel[:, cols])
+        pos = torch.arange(P, L, device=embeds.device)[None]
+        h = self.run_decoder(embeds, pkv.cache(B), position_ids=pos)
+        return torch.cat([hp.to(h.dtype), h], 1)
+
+    def _hidden_packed_prefix(self, batch: PromptBatch, pkv: PrefixKV) -> torch.Tensor:
+        """``[1, T, H]`` of a packed batch whose examples start with ``pkv``'s prefix: the decoder
+        runs on the packed suffixes only (``T - B*P`` tokens, ``cu_seq_lens_k = cu_q + P*i``), the
+        prefix rows are ``pkv.hidden``. No host sync (every size is a host int)."""
+        pb = batch.packed
+        P = pkv.length
+        T, B = pb.num_tokens, pb.num_examples
+        src, cu_q, prefix_rows = suffix_packing(pb.cu_seqlens, P, T)
+        hp = pkv.hidden[0].repeat(B, 1)  # [B*P, H]
+        if T == B * P:
+            return hp.unsqueeze(0)
+        slot_item, slot_abs, slot_rel = (e.index_select(1, src) for e in pb.extras)
+        embeds = self.embeds_of(batch, pb.input_ids.index_select(1, src), slot_item, slot_abs, slot_rel)
+        cu_k = cu_q + P * torch.arange(B + 1, device=cu_q.device, dtype=cu_q.dtype)
+        h = self.run_decoder(embeds, pkv.cache(1), position_ids=pb.position_ids.index_select(1, src),
+                             cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=pb.max_seqlen - P,
+                             max_length_k=pb.max_seqlen)[0]
+        full = h.new_zeros(T, h.shape[-1]).index_copy(0, prefix_rows, hp.to(h.dtype)).index_copy(0, src, h)
+        return full.unsqueeze(0)
+
     def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
         """Decoder last hidden states (after the final norm).
 
@@ -270,8 +427,16 @@ class SpeederRecModel(nn.Module):
         only, decoder run with ``use_cache=False`` and ``position_ids`` / ``cu_seq_lens`` /
         ``max_length`` from :meth:`PackedBatch.model_kwargs` (no device-to-host sync here).
         Use :meth:`flat_rows` to address answer / loss positions in either layout.
+
+        With a prefix (:meth:`prefix_for`), the decoder runs on the suffix only, reading the
+        prefix's cached keys/values; the output has the same layout (prefix rows = the cached
+        prefix hidden states) and equals the uncached one to fp32 rounding.
         """
-        if self.uses_packing(batch):
+        packed = self.uses_packing(batch)
+        pkv = self.prefix_for(batch, packed)
+        if pkv is not None:
+            return self._hidden_packed_prefix(batch, pkv) if packed else self._hidden_padded_prefix(batch, pkv)
+        if packed:
             embeds = self._embeds_packed(batch)
             out = self.decoder(inputs_embeds=embeds, use_cache=False, **batch.packed.model_kwargs())
         else:
@@ -330,6 +495,18 @@ class SpeederRecModel(nn.Module):
     def _label_logits(self, h: torch.Tensor, batch: PromptBatch, packed: bool) -> torch.Tensor:
         last = h.reshape(-1, h.shape[-1]).index_select(0, self.answer_rows(batch, packed))  # [B, H]
         return self.label_logits_at(last, batch.label_token_ids)
+
+    def token_logits_at(self, last: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[B, N]`` logits of per-row token ids ``tokens`` (int64 ``[B, N]``, valid ids) from
+        hidden states ``last [B, H]``: only those rows of the LM head (plain head), else the full
+        head's logits gathered (4-bit / hooked heads)."""
+        if self._plain_head():
+            w = self.lm_head.weight.index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1)  # [B, N, H]
+            out = torch.einsum("bnh,bh->bn", w, last.to(w.dtype))
+            if self.lm_head.bias is not None:
+                out = out + self.lm_head.bias.index_select(0, tokens.reshape(-1)).view_as(tokens)
+            return out.float()
+        return self._head(last).gather(1, tokens)
 
     def label_logits_at(self, last: torch.Tensor, label_token_ids: torch.Tensor) -> torch.Tensor:
         """[B, N] fp32 logits of ``label_token_ids`` from answer-position hidden states ``last`` [B, H]."""
@@ -395,18 +572,24 @@ class SpeederRecModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-        """Greedy continuation [B, T] of left-padded prompts (build them with ``padding_side='left'``)."""
-        embeds = self.input_embeds(batch)
-        out = self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
-        return out
+        """Greedy continuation ``[B, T]`` (int64; ``pad_token_id`` after a row's eos; ``T <=
+        max_new_tokens``) of left- or right-padded prompts: the plain LLaRA protocol, the same tokens
+        as HF ``generate(do_sample=False)``. See :func:`~speeder_fast.model.decoding.greedy_decode`
+        for the token counts."""
+        from .decoding import greedy_decode
+
+        return greedy_decode(self, batch, max_new_tokens, eos_token_id, pad_token_id).tokens
+
+    @torch.no_grad()
+    def generate_constrained(self, batch: PromptBatch, sequences: torch.Tensor, eos_token_id: int,
+                             pad_token_id: int) -> Any:
+        """Greedy decoding constrained to the candidates' answer sequences ``sequences`` (int64
+        ``[B, N, S]``, ``-1`` padded, each ending with eos; :meth:`PromptBuilder.answer_sequences`),
+        stopped per row at the first prefix that names one candidate. Returns a
+        :class:`~speeder_fast.model.decoding.DecodeResult` (``choice`` = candidate index)."""
+        from .decoding import greedy_decode
+
+        return greedy_decode(self, batch, 0, eos_token_id, pad_token_id, sequences=sequences)
 
     # ------------------------------------------------------------------ stages and checkpoints
     def set_stage(self, modalities: Sequence[str]) -> None:
@@ -437,9 +620,7 @@ class SpeederRecModel(nn.Module):
         with torch.no_grad():
             for k, v in sd.items():
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
-        if self.mome is not None:
-            self.mome._catalog = None
-        self._keys_src = self._keys = None
+        self.invalidate_caches()
 
 
 def match_generated(builder: PromptBuilder, generated: torch.Tensor, candidates: torch.Tensor) -> tuple[list[str], torch.Tensor]:

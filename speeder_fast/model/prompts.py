@@ -93,6 +93,9 @@ class PromptBatch:
     # causal attention without a padding mask is exact at every real position (lets SDPA pick its
     # fused causal kernel instead of materialising an [L, L] mask); False for left-padded generation.
     right_padded: bool = True
+    # token ids every row starts with (its first real tokens; host tuple, ``PromptBuilder.head_ids``):
+    # the shared instruction the model may serve from its prefix KV cache; () = none declared
+    prefix: tuple[int, ...] = ()
 
     def to(self, device: torch.device | str) -> "PromptBatch":
         """Move every tensor (and the packed form) to ``device`` (non-blocking)."""
@@ -213,6 +216,8 @@ class PromptBuilder:
         enc = self._encode
         # static fragments (item mode: its own instruction, no candidates block, no answer prefix)
         self.head_ids = enc(f"{cfg.item_instruction}\n" if self.item_mode else f"{cfg.system}\n{cfg.history_header}\n")
+        #: the fixed prefix of every prompt (``PromptBatch.prefix``; served by the prefix KV cache)
+        self.prefix_ids: tuple[int, ...] = tuple(int(i) for i in self.head_ids)
         self.cand_head_ids = enc("" if self.item_mode else f"{cfg.candidates_header}\n")
         self.answer_prefix_ids = enc("" if self.item_mode else cfg.answer_prefix)
         hist_pre, self.hist_post_ids = _split_template(cfg.history_item, ["item"], "history_item")
@@ -240,6 +245,7 @@ class PromptBuilder:
         self.titles = titles
         self.title_ids = self._encode_many([" " + t for t in titles], cfg.title_tokens)
         self.title_text = [self.tok.decode(ids.tolist()).strip() for ids in self.title_ids]
+        self.full_title_ids: dict[int, np.ndarray] = {}
         self.full_title_text = self._title_collisions()  # items whose truncated titles collide -> full title
         self.verbose_ids: list[np.ndarray] | None = None
         if self.paradigm == "verbose":
@@ -268,6 +274,7 @@ class PromptBuilder:
             return {}
         items = [i for g in clashing for i in g]
         full = dict(zip(items, self._encode_many([" " + self.titles[i] for i in items], 1 << 30)))
+        self.full_title_ids = full
         identical, need = 0, 0
         for g in clashing:
             seqs = sorted(tuple(full[i].tolist()) for i in g)
@@ -321,6 +328,32 @@ class PromptBuilder:
         if history and self.verbose_ids is not None:
             return self.verbose_ids[item]
         return self.title_ids[item]
+
+    def answer_ids(self, item: int) -> np.ndarray:
+        """Token ids a generated answer spells for ``item``, eos excluded: its title (at most
+        ``prompt.title_tokens`` tokens, the generate-mode training target), or its full title when
+        the truncated one collides with another item's (as :func:`match_generated` matches)."""
+        return self.full_title_ids.get(item, self.title_ids[item])
+
+    @functools.cached_property
+    def _answer_table(self) -> np.ndarray:
+        """int64 ``[n_items, S]``: :meth:`answer_ids` + eos of every item, ``-1`` padded (built once)."""
+        seqs = [self.answer_ids(i) for i in range(len(self.title_ids))]
+        S = max(len(x) for x in seqs) + 1
+        out = np.full((len(seqs), S), -1, np.int64)
+        for i, x in enumerate(seqs):  # once per builder
+            out[i, : len(x)] = x
+            out[i, len(x)] = self.eos_id
+        return out
+
+    def answer_sequences(self, candidates: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The constrained decoder's trie of each row: int64 ``[B, N, S]`` answer ids of the candidates
+        (:meth:`answer_ids` + eos, ``-1`` padded, ``S`` = the longest in this batch), from a
+        catalogue table gathered in one numpy index (no per-example loop)."""
+        c = np.asarray(candidates.cpu() if isinstance(candidates, torch.Tensor) else candidates, dtype=np.int64)
+        seqs = self._answer_table[c]
+        used = (seqs >= 0).any(axis=tuple(range(seqs.ndim - 1)))
+        return np.ascontiguousarray(seqs[..., : int(used.nonzero()[0].max()) + 1 if used.any() else 0])
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         """Decoded generated answer, stripped (generation stops at eos)."""
@@ -591,6 +624,7 @@ class PromptBuilder:
             packed=pack_numpy(np.asarray([len(r) for r in rows_ids], np.int64), L, padding_side,
                               input_ids, slot_item, s_abs, s_rel),
             right_padded=padding_side == "right",
+            prefix=self.prefix_ids,
         )
 
     def render(self, batch: PromptBatch, b: int = 0) -> str:

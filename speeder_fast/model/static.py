@@ -28,6 +28,11 @@ ones up to floating-point reassociation inside compiled kernels (tests check bot
 CUDA, ``off`` elsewhere). Each distinct length bucket compiles once (the first call per bucket is
 slow: warm up before timing); torch's recompile limit is raised to cover ``max_buckets`` buckets.
 Packing is not used here: a packed row's length changes with every batch.
+
+Prefix KV cache (``eval.prefix_cache``, :mod:`.prefix_cache`): when the model serves the batch's
+prefix from its cache, only the columns after the ``P`` prefix tokens are padded to the bucket and
+run; the prefix keys/values and hidden states are inputs of the (compiled) function, which pre-fills
+a ``DynamicCache`` with them (one graph, no breaks; the tensors change only when the weights do).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import torch.nn.functional as F
 
 from speeder_fast.config import COMPILE_MODES
 from speeder_fast.utils import get_logger
+
+from .prefix_cache import new_cache
 
 log = get_logger(__name__)
 
@@ -95,6 +102,7 @@ class StaticScorer:
         self._catalog: torch.Tensor | None = None
         self.shapes_seen: set[tuple[int, int]] = set()
         self._keys_marked: torch.Tensor | None = None
+        self._prefix_marked: Any = None
         fn: Callable[..., torch.Tensor] = self._forward
         if compile != "static":
             import torch._dynamo
@@ -129,40 +137,57 @@ class StaticScorer:
 
     def _forward(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                  slot_rel: torch.Tensor, answer_pos: torch.Tensor, label_ids: torch.Tensor,
-                 catalog: torch.Tensor | None, item_keys: torch.Tensor | None = None) -> torch.Tensor:
+                 catalog: torch.Tensor | None, item_keys: torch.Tensor | None = None,
+                 prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores of fixed-shape inputs. ``prefix`` = ``(keys, values, hidden)`` of the cached prefix
+        (``[1, Hkv, P, D]`` per layer, ``[1, P, H]``): the inputs are then the columns after it, and
+        ``answer_pos`` still counts from the prompt start."""
         m = self.model
         if catalog is None:
             embeds = F.embedding(input_ids, m.embed.weight)
         else:
             embeds = m.splice(input_ids, slot_item, slot_abs, slot_rel, catalog)
-        out = m.decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False)
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if prefix is None:
+            out = m.decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False)
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        else:
+            keys, values, hidden = prefix
+            Bs, P = input_ids.shape[0], hidden.shape[1]
+            cache = new_cache(m._decoder_config())
+            for i, (k, v) in enumerate(zip(keys, values)):
+                cache.update(k.expand(Bs, -1, -1, -1), v.expand(Bs, -1, -1, -1), i)
+            pos = torch.arange(P, P + input_ids.shape[1], device=input_ids.device)[None]
+            h = m.run_decoder(embeds, cache, position_ids=pos)
+            h = torch.cat([hidden.expand(Bs, -1, -1).to(h.dtype), h], 1)
         Bs, Lb, H = h.shape
         rows = torch.arange(Bs, device=h.device) * Lb + answer_pos
         return m.answer_scores(h.reshape(-1, H).index_select(0, rows), label_ids, item_keys)
 
-    def padded_inputs(self, batch: Any, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
-        """The fixed-shape inputs of rows ``start:stop`` of ``batch`` (at most ``batch_size`` rows)."""
+    def padded_inputs(self, batch: Any, start: int = 0, stop: int | None = None,
+                      n_prefix: int = 0) -> tuple[torch.Tensor, ...]:
+        """The fixed-shape inputs of rows ``start:stop`` of ``batch`` (at most ``batch_size`` rows);
+        with ``n_prefix = P`` only the columns after the cached prefix (bucketed by their length)."""
         if not getattr(batch, "right_padded", True):
             raise ValueError("StaticScorer scores right-padded batches (build them with padding_side='right')")
         rows = slice(start, stop)
-        ids = batch.input_ids[rows]
+        cols = slice(n_prefix, None)
+        ids = batch.input_ids[rows, cols]
         B, L = ids.shape
         if B > self.batch_size:
             raise ValueError(f"batch of {B} > StaticScorer.batch_size {self.batch_size}")
-        Bs, Lb = self.batch_size, math.ceil(L / self.length_multiple) * self.length_multiple
+        Bs, Lb = self.batch_size, max(1, math.ceil(L / self.length_multiple)) * self.length_multiple
 
         def pad(x: torch.Tensor, value: int) -> torch.Tensor:
             return F.pad(x, (0, Lb - L, 0, Bs - B), value=value)
 
-        slot = batch.slot_item[rows]
+        slot = batch.slot_item[rows, cols]
         k = self.model.mome.k if self.model.mome is not None else 1
         if batch.unique_items.numel() > 0:  # batch-local rows u*k+t -> catalogue rows item*k+t
             s = slot.clamp(min=0)
             slot = torch.where(slot >= 0, batch.unique_items.index_select(0, (s // k).reshape(-1)).view_as(s) * k + s % k, -1)
         answer = F.pad(batch.answer_pos[rows], (0, Bs - B), value=0)
-        return (pad(ids, self.pad_id), pad(slot, -1), pad(batch.slot_abs[rows], -1), pad(batch.slot_rel[rows], -1),
-                answer, batch.label_token_ids)
+        return (pad(ids, self.pad_id), pad(slot, -1), pad(batch.slot_abs[rows, cols], -1),
+                pad(batch.slot_rel[rows, cols], -1), answer, batch.label_token_ids)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -176,12 +201,19 @@ class StaticScorer:
         if keys is not None and self._cudagraphs and keys is not self._keys_marked:
             torch._dynamo.mark_static_address(keys)  # cached between calls: no copy into the graph's buffer
             self._keys_marked = keys
+        pkv = self.model.prefix_for(batch, packed=False)  # eval mode + no_grad: the cached prefix, or None
+        prefix = None if pkv is None else (pkv.keys, pkv.values, pkv.hidden)
+        if pkv is not None and self._cudagraphs and pkv is not self._prefix_marked:
+            for t in (*pkv.keys, *pkv.values, pkv.hidden):  # cached between calls: no copy per replay
+                torch._dynamo.mark_static_address(t)
+            self._prefix_marked = pkv
+        n_prefix = 0 if pkv is None else pkv.length
         outs = []
         for start in range(0, B, self.batch_size):
-            inputs = self.padded_inputs(batch, start, start + self.batch_size)
+            inputs = self.padded_inputs(batch, start, start + self.batch_size, n_prefix)
             self.shapes_seen.add(tuple(inputs[0].shape))
             if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             n = min(self.batch_size, B - start)
-            outs.append(self._fn(*inputs, cat, keys)[:n].float().clone())  # clone: the next replay overwrites
+            outs.append(self._fn(*inputs, cat, keys, prefix)[:n].float().clone())  # clone: the next replay overwrites
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)

@@ -424,7 +424,8 @@ def train(cfg: Config, run_dir: Path | None = None, progress: bool = True, prepa
 
     def validate(tag: str) -> dict:
         res = evaluate_split(model, comp.builder, comp.prepared, "valid", cfg.prompt.answer_mode, tc.eval_max_examples,
-                             cfg.eval.batch_size, cfg.eval.generate_max_tokens, device, seed=cfg.seed, progress=progress)
+                             cfg.eval.batch_size, cfg.eval.generate_max_tokens, device, seed=cfg.seed, progress=progress,
+                             constrained=cfg.eval.constrained)
         log_json({"type": "eval", "tag": tag, "global_step": global_step,
                   **{k: v for k, v in res.items() if not isinstance(v, (dict, list))}})
         if main:

@@ -253,7 +253,8 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
             with torch.no_grad():
                 logc = torch.from_numpy(np.log1p(item_popularity(prepared))).float()
                 head.bias.copy_(logc - logc.mean())
-    model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing, item_head=head)
+    model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing, item_head=head,
+                            prefix_cache=cfg.eval.prefix_cache, prefix_train=cfg.train.prefix_share)
     if item_mode:
         model.item_loss = item_loss_settings(cfg, prepared)
     for mod in (mome, positions, head):
