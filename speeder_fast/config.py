@@ -193,6 +193,9 @@ class EvalConfig:
     max_examples: int = _f(0, "evaluate at most N examples (0 = all)")
     batch_size: int = _f(16, "evaluation batch size")
     generate_max_tokens: int = _f(48, "generate mode: max new tokens")
+    checkpoint: str = _f("best", "which weights the final evaluation of `speeder_fast.train` scores: best (the "
+                                 "checkpoint with the best validation metric: full-ranking NDCG@10 in item mode, "
+                                 "candidate NDCG@10 in score mode, VHR@1 in generate mode; RecBole's convention) | final")
     compile: str = _f("off", "score mode on static shapes (speeder_fast.model.static): off | auto (reduce-overhead "
                              "on CUDA, off on CPU) | static (padded shapes, eager) | default | reduce-overhead "
                              "(CUDA graphs) | max-autotune (torch.compile modes)")
@@ -457,6 +460,8 @@ def validate(cfg: Config) -> None:
         errs.append(f"features.store_dtype: {cfg.features.store_dtype!r} is not float16 or float32")
     if cfg.eval.batch_size < 1 or cfg.eval.max_examples < 0:
         errs.append("eval.batch_size must be >= 1 and eval.max_examples >= 0")
+    if cfg.eval.checkpoint not in ("best", "final"):
+        errs.append(f"eval.checkpoint: {cfg.eval.checkpoint!r} is not best or final")
     if cfg.eval.compile not in COMPILE_MODES:
         errs.append(f"eval.compile: {cfg.eval.compile!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.eval.length_multiple < 1:

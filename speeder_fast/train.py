@@ -193,12 +193,22 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"trained in {res.seconds:.1f} s ({res.steps} steps, {res.epoch_seconds:.1f} s per epoch of "
               f"{len(comp.prepared.train)} examples)")
     if not args.no_eval:
+        ckpt = "final"
+        best = res.run_dir / "checkpoints" / "best"
+        if cfg.eval.checkpoint == "best" and best.is_dir():  # the weights with the best validation metric
+            from speeder_fast.checkpoint import load_checkpoint
+            from speeder_fast.training.run import load_weights
+
+            loaded = load_checkpoint(best)
+            load_weights(comp, loaded)
+            ckpt = f"best (step {loaded.step})"
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,
                                 cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.generate_max_tokens, comp.device,
                                 seed=cfg.seed, progress=not args.no_progress, compile_mode=cfg.eval.compile,
                                 length_multiple=cfg.eval.length_multiple, constrained=cfg.eval.constrained)
-        result["checkpoint"] = "final"
+        result["checkpoint"] = ckpt
         if rank0:
+            print(f"test evaluation of checkpoint {ckpt} (eval.checkpoint={cfg.eval.checkpoint})")
             print(report_with_references(res.run_dir, cfg, comp.prepared, result, cfg.eval.max_examples)[1])
     if rank0:
         print(f"total {time.perf_counter() - t0:.1f} s; run folder: {res.run_dir.resolve()}")

@@ -3,6 +3,7 @@ force, item-mode prompts, sequence windows, and a tiny model that fits a toy pat
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import tiny
+from speeder_fast.config import StageConfig
 from speeder_fast.data.splits import leave_one_out, seq_offsets
 from speeder_fast.metrics import full_ranks
 from speeder_fast.model.item_head import (ItemHead, chunked_softmax_ce, full_softmax_ce_reference,
@@ -268,7 +270,6 @@ def cache(tmp_path, monkeypatch):
 def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path, cache, monkeypatch):
     """Next item = previous item + 1 (mod 20); with every transition in training, the item head
     learns it: HR@1 = 1 on the persisted candidates and over the whole catalogue."""
-    from speeder_fast.config import StageConfig
     from speeder_fast.evaluate import evaluate_run, evaluate_split
     from speeder_fast.recommend import recommend
     from speeder_fast.training import train
@@ -302,8 +303,6 @@ def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path,
         assert not {x["item"] for x in rec["recommendations"]} & {str(i) for i in seq}
         assert [h["item"] for h in rec["history"]] == [str(i) for i in seq[-5:]]
     # the CLI: item-mode runs rank the whole catalogue by default, for every user
-    import json
-
     import speeder_fast.training.run as run_mod
     from speeder_fast.recommend import main as recommend_main
 
@@ -346,3 +345,32 @@ def test_build_components_item_mode(llm_dir, cache, paradigm):
     params = {id(p) for p in set_trainable(comp, stage, set())}
     assert all(id(p) in params for p in m.item_head.parameters())
     assert all(id(p) in params for p in m.mome.parameters_of(["text"]))
+
+
+def test_train_cli_item_mode_evaluates_the_best_checkpoint_and_prints_full_ranking(tmp_path):
+    """``python -m speeder_fast.train`` in item mode on atomic files: the test evaluation scores the
+    checkpoint with the best validation full NDCG@10 (eval.checkpoint=best) and the table carries the
+    full-ranking columns for the LLM, SASRec and popularity rows."""
+    from test_resume import cli_env, run_cli, tiny_config, write_atomic_dataset
+
+    from speeder_fast.config import to_toml
+
+    llm = tiny.make_llm_dir(tmp_path / "llm")
+    data = write_atomic_dataset(tmp_path / "data")
+    cfg = tiny_config(llm, data, tmp_path / "out", "item", eval_every=2, checkpoint_every=0)
+    cfg.prompt.answer_mode = "item"
+    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=6, lr=3e-3)]
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    r = run_cli(["--config", str(tmp_path / "c.toml"), "--no-progress"], cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "out" / "item"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best = max(evals, key=lambda e: e["full_NDCG@10"])  # first maximum: the manager keeps the first best
+    best_step = min(e["global_step"] for e in evals if e["full_NDCG@10"] == best["full_NDCG@10"])
+    assert f"test evaluation of checkpoint best (step {best_step})" in r.stdout
+    header = next(x for x in r.stdout.splitlines() if x.startswith("| model |"))
+    assert "full_NDCG@10" in header and "full_HR@20" in header
+    rows = [x for x in r.stdout.splitlines() if x.startswith(("| speeder", "| SASRec", "| Popularity"))]
+    assert len(rows) == 3 and all("n/a" not in x.split("|")[-6] for x in rows)  # full NDCG@10 filled in
+    result = json.loads((run / "eval_test_item.json").read_text())["result"]
+    assert result["checkpoint"] == f"best (step {best_step})"

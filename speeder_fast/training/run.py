@@ -336,15 +336,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
 
     loaded = load_checkpoint(ck.parent)  # verifies the manifest first: a corrupt file raises CheckpointError naming it
     comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared)
+    load_weights(comp, loaded)
+    return comp
+
+
+def load_weights(comp: Components, loaded: Any) -> None:
+    """Put a loaded checkpoint's (:func:`speeder_fast.checkpoint.load_checkpoint`) trained weights and
+    added-token embedding rows into ``comp.model``; set its active MPO modalities and eval mode."""
     sd = dict(loaded.weights)
     added = sd.pop("added_embeddings", None)
     comp.model.load_trainable_state_dict(sd)
     if added is not None:
-        ids = torch.tensor([comp.tokenizer.convert_tokens_to_ids(t) for t in adds])
+        ids = torch.tensor([comp.tokenizer.convert_tokens_to_ids(t) for t in comp.builder.added_tokens])
         with torch.no_grad():
             w = comp.model.embed.weight
             w[ids.to(w.device)] = added.to(w.device, w.dtype)
-    state = loaded.extra
-    comp.model.set_stage(state.get("active_modalities", comp.modalities))
+    comp.model.set_stage(loaded.extra.get("active_modalities", comp.modalities))
     comp.model.eval()
-    return comp
