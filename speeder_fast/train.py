@@ -32,28 +32,10 @@ import time
 from pathlib import Path
 
 
-from speeder_fast.config import (ANSWER_MODES, Config, ConfigError, _apply, describe_fields, load_config, normalise_stages,
-                                 read_toml, set_override, to_toml, validate)
+from speeder_fast.config import (ANSWER_MODES, DEVICES, PARADIGMS, PRECISIONS, PRESETS, Config, ConfigError,
+                                 describe_fields, load_config, resolve, set_override, to_toml, validate)
 
-#: Named presets: lists of ``--set`` assignments applied before the config file.
-PRESETS: dict[str, list[str]] = {
-    # ~10 min budget on 2 CPU cores: 300 users of ML-100K, the newest 800 training windows,
-    # 2 MPO stages of 40 + 40 steps x 8 examples (LoRA dropout off: its CPU RNG costs ~25% of a
-    # step), SASRec 20 epochs, 100 validation examples per stage end, 200 test users evaluated.
-    "quick": [
-        "data.max_users=300",
-        "data.max_train_examples=800",
-        "features.sasrec_epochs=20",
-        'train.stages=[{"modalities": ["text"], "max_steps": 40, "lr": 5e-4}, '
-        '{"modalities": ["text", "collab"], "max_steps": 40, "lr": 5e-4}]',
-        "train.batch_size=8",
-        "model.lora_dropout=0.0",
-        "train.eval_max_examples=100",
-        "eval.max_examples=200",
-        "eval.batch_size=16",
-    ],
-    "none": [],
-}
+__all__ = ["PRESETS", "RESUME_SAFE", "build_parser", "main", "resolve_config", "resolve_resume_config"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     ap.add_argument("--data", help="data.source (ml-100k, a RecBole folder, raw Amazon folder)")
     ap.add_argument("--model", help="model.llm (HF id/local path; smollm2-135m = offline asset)")
-    ap.add_argument("--paradigm", choices=["verbose", "titles", "speeder"], help="prompt.paradigm")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "nf4"], help="model.precision")
+    ap.add_argument("--paradigm", choices=PARADIGMS, help="prompt.paradigm")
+    ap.add_argument("--precision", choices=PRECISIONS, help="model.precision")
     ap.add_argument("--mode", choices=ANSWER_MODES, help="prompt.answer_mode")
     ap.add_argument("--output-dir", help="output_dir")
     ap.add_argument("--run-name", help="run_name")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device")
+    ap.add_argument("--device", choices=DEVICES, help="device")
     ap.add_argument("--prepare-only", action="store_true", help="prepare the data, print its statistics, exit")
     ap.add_argument("--help-config", action="store_true", help="print every config key with default and help, exit")
     ap.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
@@ -81,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset -> config file -> shortcuts -> --set (see module docstring)."""
+    """Preset -> config file -> shortcuts -> --set (see module docstring), through :func:`config.resolve`."""
     # --prepare-only shows the whole dataset unless a preset is asked for explicitly
     preset = args.preset or ("none" if args.config or args.prepare_only else "quick")
     shortcuts = []
@@ -91,25 +73,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
         v = getattr(args, flag)
         if v is not None:
             shortcuts.append(f"{key}={v}")
-    cfg = Config()
-    for s in PRESETS[preset]:
-        set_override(cfg, s)
-    if args.config:
-        # the file's keys win over the preset's: apply the file's tables on top
-        _apply(cfg, read_toml(args.config))  # clear errors for a missing file, bad TOML, unknown keys
-    for s in shortcuts + list(args.sets):
-        set_override(cfg, s)
-    normalise_stages(cfg)  # same path as load_config
-    stages = cfg.train.stages
-    if cfg.prompt.paradigm != "speeder" and len(stages) > 1:
-        cfg.train.stages = stages[:1]  # verbose/titles: a single stage (its budget = the first stage's)
-    validate(cfg)
-    return cfg
+    return resolve(preset, args.config, shortcuts + list(args.sets))
 
 
 #: ``--set`` keys allowed with ``--resume`` (they change neither the model, the data nor the schedule).
 RESUME_SAFE = ("eval.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.eval_max_examples", "device")
+               "train.eval_max_examples", "train.report_to", "device")
 
 
 def resolve_resume_config(args: argparse.Namespace) -> Config:

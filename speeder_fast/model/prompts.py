@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speeder_fast.config import PromptConfig
+from speeder_fast.config import PARADIGMS, PromptConfig
 from speeder_fast.data.dataset import RecDataset
 from speeder_fast.utils import get_logger
 
@@ -45,7 +45,7 @@ from .packing import PackedBatch, pack_padded
 
 log = get_logger("speeder_fast.prompts")
 
-PARADIGMS = ("verbose", "titles", "speeder")
+__all__ = ["PARADIGMS", "PromptBatch", "PromptBuilder", "ordinal_word", "pack_numpy"]
 
 
 def ordinal_word(n: int) -> str:
