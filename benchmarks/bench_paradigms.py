@@ -6,10 +6,13 @@ everything here is plain Python, nothing depends on pytest.
 What one measurement is (the code a training run / an evaluation runs, nothing re-implemented):
 
 * ``train``: ``PromptBuilder.build`` from the :class:`~speeder_fast.data.dataset.PreparedData`
-  arrays -> ``PromptBatch.to(device)`` -> ``SpeederRecModel.forward`` (answer-token loss) ->
-  ``backward`` -> ``clip_grad_norm_(1.0)`` -> ``AdamW.step`` -> ``zero_grad`` (the inner step of
-  ``speeder_fast.training.loop.train``; trainable parameters chosen by its ``set_trainable`` for the
-  last MPO stage: LoRA + every MoME expert + gate/norm + SPAE for ``speeder``, LoRA only otherwise).
+  arrays -> :func:`speeder_fast.training.step.train_step`, the step the training loop runs:
+  ``PromptBatch.to(device)`` -> ``SpeederRecModel.forward`` with the configured loss (score mode,
+  ``train.score_loss=labels``: cross-entropy over the candidate label logits) -> ``backward`` ->
+  ``clip_grad_norm_(train.grad_clip)`` -> ``AdamW.step`` (``train.weight_decay``, parameter groups of
+  ``train.adapter_lr_scale``, warmup + cosine lr) -> ``zero_grad``; the stage comes from
+  ``prepare_stage`` for the last MPO stage: LoRA + every MoME expert + gate/norm + SPAE for
+  ``speeder``, LoRA only otherwise. Records carry ``loss`` (``label``).
 * ``score``: build (no answer) -> ``SpeederRecModel.score`` under ``no_grad`` -> argmax (the
   ``speeder_fast.evaluate`` score path; MoME tokens come from the cached catalogue, as in eval).
 * ``score_compiled``: the same scoring through ``speeder_fast.model.static.StaticScorer`` (what
@@ -57,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.metadata as md
+import itertools
 import json
 import math
 import os
@@ -514,8 +518,10 @@ class ParadigmRunner:
     def make_fn(self, case: Case) -> tuple[Callable[[], Any], dict[str, Any]]:
         """``(fn, info)``: ``fn()`` runs one full step of ``case`` and synchronizes the device."""
         from speeder_fast.model import match_generated
-        from speeder_fast.training.loop import resolve_stages, set_trainable
+        from speeder_fast.training.batches import MicroBatch
+        from speeder_fast.training.loop import resolve_stages
         from speeder_fast.training.run import Components
+        from speeder_fast.training.step import loss_name, prepare_stage, train_step
 
         model, builder, dev = self.model, self.builder, self.device
         B = int(case.batch)
@@ -543,24 +549,23 @@ class ParadigmRunner:
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
         if phase == "train":
+            # the training loop's own step (speeder_fast.training.step.train_step): the configured loss
+            # (label cross-entropy: score mode, train.score_loss=labels), parameter groups, weight decay and
+            # clipping of the last MPO stage, and its warmup + cosine schedule
             comp = Components(self.cfg, dev, self.env.prepared, self.env.tokenizer, builder, model, self.modalities)
             stage = resolve_stages(self.cfg, self.modalities)[-1]
-            model.set_stage(stage.modalities)
-            params = set_trainable(comp, stage, set())
-            info["trainable_params"] = int(sum(p.numel() for p in params))
+            ctx = prepare_stage(comp, stage, total=max(1, case.warmup + case.rounds))
+            info["trainable_params"] = int(sum(p.numel() for p in ctx.params))
             info["stage_modalities"] = list(stage.modalities)
-            opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0, betas=(0.9, 0.999))
+            info["loss"] = loss_name(self.cfg)
             model.train()
+            steps = itertools.count()
 
             def fn() -> Any:
                 batch = builder.build(hist, lens, cands, tgts, with_answer=True)
-                loss = model(batch.to(dev))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                stats = train_step(ctx, next(steps), [MicroBatch(batch, 1.0, B)])
                 sync()
-                return loss
+                return stats.loss
 
             return fn, info
 

@@ -266,6 +266,8 @@ def test_profile_train_infer_cli(tiny_setup, tmp_path: Path, monkeypatch: pytest
     n, toks = s["N_linear"], s["work"]["tokens"]
     if sub == "train":
         assert s["mode"] == "train" and s["flops"] >= 4 * n * toks and s["stage_modalities"] == ["text"]
+        # the training loop's step and loss (score mode: label cross-entropy over the 6 candidate labels)
+        assert s["loss"] == "label" and s["head_width"] == 6 and s["work"]["answer_rows"] == 2 * 2  # 2 timed steps x 2 answers
     elif s["mode"] == "score":
         assert 2 * n * toks <= s["flops"] < 4 * n * toks
     else:

@@ -161,7 +161,7 @@ def test_adapter_lr_scale_groups_and_run(llm_dir, tmp_path, cache):
     """train.adapter_lr_scale puts MoME/SPAE in their own AdamW group at scale x the stage lr; 1.0
     keeps one group (old checkpoints' optimizer state still loads); a run with a scale trains."""
     from speeder_fast.config import ConfigError, validate
-    from speeder_fast.training.loop import param_groups, set_trainable
+    from speeder_fast.training.step import param_groups, set_trainable
     from speeder_fast.training.run import build_components
 
     prepared = tiny.make_prepared(n_candidates=8, max_history=5)

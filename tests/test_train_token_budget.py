@@ -15,7 +15,7 @@ from speeder_fast.data import sample_train_candidates
 from speeder_fast.distributed import ShardedSampler
 from speeder_fast.model.packing import token_budget_batches
 from speeder_fast.model.prompts import PromptBuilder
-from speeder_fast.training.loop import MicroBatches, plan_token_batches
+from speeder_fast.training.batches import MicroBatches, plan_token_batches
 
 
 def _comp(tok, prepared, paradigm="speeder", mode="score", packing=False, k=2):
