@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from .utils import atomic_write_json, get_logger, sha256_file
 __all__ = [
     "CheckpointError", "TrainState", "CheckpointManager", "FORMAT_VERSION",
     "optimizer_state_to_tensors", "load_optimizer_state", "state_to_tensors", "state_from_tensors",
-    "capture_rng", "restore_rng", "trainable_state_dict", "load_trainable",
+    "capture_rng", "restore_rng",
     "mark_finished", "is_finished", "finished_summary", "save_checkpoint", "load_checkpoint",
     "verify_checkpoint", "refuse_checkpoint_dir",
 ]
@@ -82,7 +82,7 @@ class TrainState:
     Attributes:
         step: global optimizer step at save time (the manager's ``save(step, ...)`` argument wins).
         stage: MPO stage index (0-based) the run is in.
-        weights: trainable weights, name -> tensor (see :func:`trainable_state_dict`).
+        weights: trainable weights, name -> tensor (``SpeederRecModel.trainable_state_dict()``).
         optimizer: ``optimizer.state_dict()`` (AdamW: step/exp_avg/exp_avg_sq + param_groups), or None.
         scheduler: ``lr_scheduler.state_dict()``, or None.
         data: data-loader position; by convention ``{"epoch": int, "step_in_epoch": int,
@@ -301,56 +301,6 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator | np.random.G
             g.set_state(_unb64(s["state"]))
         else:
             g.bit_generator.state = s["state"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Model weights
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / compile wrappers
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def trainable_state_dict(model: torch.nn.Module, include: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    """Name -> detached tensor of the weights to checkpoint (DDP/compile wrappers are unwrapped).
-
-    By default the parameters with ``requires_grad``. With MPO stages that freeze earlier experts or
-    LoRA, pass ``include`` covering every parameter trained in *any* stage (e.g. ``lambda n: not
-    n.startswith("llm.base_model.")`` or ``"lora_" in n or n.startswith("mrc.")``), so frozen-but-trained
-    weights are saved too.
-    """
-    m = _unwrap(model)
-    return {n: p.detach() for n, p in m.named_parameters()
-            if (include(n) if include is not None else p.requires_grad)}
-
-
-def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-    """Copy ``weights`` into the model's parameters in place (keeps devices/dtypes, optimizer links).
-
-    Raises :class:`CheckpointError` naming unknown names or shape mismatches; with ``strict`` also
-    when the model has trainable parameters absent from ``weights``. Returns the loaded names.
-    """
-    m = _unwrap(model)
-    params = dict(m.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise CheckpointError(f"checkpoint weights not in the model: {unknown[:5]}"
-                              f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} total)")
-    bad = [f"{n}: checkpoint {tuple(t.shape)} vs model {tuple(params[n].shape)}"
-           for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
-    if bad:
-        raise CheckpointError("checkpoint weight shapes do not match the model: " + "; ".join(bad[:5]))
-    if strict:
-        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
-        if missing:
-            raise CheckpointError(f"trainable model parameters missing from the checkpoint: {missing[:5]}"
-                                  f"{' ...' if len(missing) > 5 else ''} ({len(missing)} total)")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(device=params[n].device, dtype=params[n].dtype))
-    return sorted(weights)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from speeder_fast.config import PARADIGMS, PromptConfig
 from speeder_fast.data.dataset import RecDataset
 from speeder_fast.utils import get_logger
 
-from .packing import PackedBatch, pack_padded
+from .packing import PackedBatch
 
 log = get_logger("speeder_fast.prompts")
 
@@ -100,16 +100,6 @@ class PromptBatch:
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v.to(device, non_blocking=True) if hasattr(v, "to") else v
-        return PromptBatch(**kw)
-
-    def with_packed(self) -> "PromptBatch":
-        """This batch with :attr:`packed` filled in (host tensors only: packing reads lengths)."""
-        if self.packed is not None:
-            return self
-        if self.attention_mask.device.type != "cpu":
-            raise RuntimeError("PromptBatch.with_packed: pack on the host before .to(device) (avoids a device sync)")
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        kw["packed"] = pack_padded(self.input_ids, self.attention_mask, self.slot_item, self.slot_abs, self.slot_rel)
         return PromptBatch(**kw)
 
     @property
