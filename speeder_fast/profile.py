@@ -30,8 +30,9 @@ of the profiled steps, ``V x H`` = the LM head, applied to the ``A`` answer rows
 * ``score`` inference: ``2 N T + 2 V H B``; ``generate``: ``2 N (T + G) + 2 V H (B + G)`` with ``G``
   the generated tokens of the batch (KV cache, so each new token costs one token's forward).
 
-MFU = achieved / dense peak of the card for the compute dtype (bf16 table below; fp32 on a GPU is
-reported against the card's TF32 dense peak); on CPU only TFLOP/s is reported (MFU n/a).
+MFU = achieved / dense peak of the card for the compute dtype (``speeder_fast.hardware.PEAKS``, shared
+with the benchmarks; fp32 on a GPU is reported against the card's TF32 dense peak); on CPU only
+TFLOP/s is reported (MFU n/a).
 
 Adding a subcommand: write ``_add_<name>_parser(sub)`` that creates
 its subparser and calls ``set_defaults(func=_run_<name>)``, append it to ``SUBCOMMANDS``, and reuse
@@ -53,6 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import ANSWER_MODES, KERNEL_CHOICES, PARADIGMS, PRECISIONS, SPLITS
+from .hardware import card_name, has_weights, peak_tflops, versions
 from .utils import atomic_path, get_logger, resolve_device
 
 log = get_logger("speeder_fast.profile")
@@ -221,12 +223,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-def has_weights(path: str | Path) -> bool:
-    """Whether a model folder holds weights (``*.safetensors`` or ``pytorch_model*.bin``)."""
-    p = Path(path)
-    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))
-
-
 def materialize_model_dir(src: str | Path, cache_dir: str | Path, *, seed: int = 0, overrides: dict | None = None,
                           dtype: str = "float32") -> Path:
     """A loadable HF folder with ``src``'s config (+ ``overrides``) and tokenizer and *random* weights.
@@ -279,26 +275,7 @@ def materialize_model_dir(src: str | Path, cache_dir: str | Path, *, seed: int =
 # ----------------------------------------------------------------------------------------------
 # FLOPs and peaks
 # ----------------------------------------------------------------------------------------------
-#: dense tensor-core peaks (no sparsity), TFLOP/s, vendors' datasheets: (name substring, bf16, tf32)
-PEAKS: list[tuple[str, float, float]] = [
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100 NVL", 835.0, 417.5),
-    ("GH200", 989.0, 494.7),
-    ("H200", 989.0, 494.7),
-    ("H100", 989.0, 494.7),  # SXM5 ("H100 80GB HBM3")
-    ("A100", 312.0, 156.0),
-    ("L40S", 362.0, 181.0),
-    ("A10G", 70.0, 35.0),
-    ("L4", 121.0, 60.0),
-]
-
-
-def peak_tflops(card: str, dtype: str) -> float | None:
-    """Dense peak of ``card`` for ``dtype`` (bf16/fp16/nf4 -> bf16 column, fp32 -> TF32), else None."""
-    for name, bf16, tf32 in PEAKS:
-        if name.lower() in card.lower():
-            return tf32 if dtype in ("fp32", "float32") else bf16
-    return None
+# peaks: speeder_fast.hardware.PEAKS / peak_tflops (shared with the benchmarks)
 
 
 def decoder_linear_params(model: Any) -> int:
@@ -442,7 +419,7 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
                        work["answer_rows"], work["generated"])
     tflops = flops / total_s / 1e12 if total_s > 0 else 0.0
     dtype = comp.cfg.model.precision
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    card = card_name(device)
     peak = peak_tflops(card, "bf16" if dtype in ("bf16", "nf4") else "fp32") if device.type == "cuda" else None
     formula = {"train": "4*N*T + 4*V*H*A", "score": "2*N*T + 2*V*H*A",
                "generate": "2*N*(T+G) + 2*V*H*(A+G)"}[mode]
@@ -458,7 +435,8 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
         "N_linear": n_lin, "flops": flops, "tflops_per_s": tflops,
         "peak_tflops": peak, "mfu": (tflops / peak) if peak else None,
         "mfu_note": None if peak else ("CPU: MFU n/a" if device.type == "cpu" else f"no peak known for {card}"),
-        "peak_mem_gb": peak_mem, "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "trace": str(args.out / "trace.json"),
+        "peak_mem_gb": peak_mem, "versions": versions(), "torch_threads": torch.get_num_threads(),
+        "trace": str(args.out / "trace.json"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra,
     }
     atomic_write_json(args.out / "summary.json", summary)

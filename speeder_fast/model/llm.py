@@ -235,12 +235,19 @@ class SpeederRecModel(nn.Module):
             return self.mome.encode(batch.unique_items)
         return self.mome.encode_catalog()[batch.unique_items]
 
+    def embed_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                     slot_rel: torch.Tensor, item_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings ``[..., H]`` of ``input_ids`` (any layout: ``[B, L]`` padded or ``[1, T]``
+        packed): the token embeddings, with ``item_tokens.view(-1, H)[slot_item]`` (+ SPAE cues) spliced
+        at the item slots; plain token embeddings when ``item_tokens`` is None."""
+        if item_tokens is None:
+            return F.embedding(input_ids, self.embed.weight)
+        return self.splice(input_ids, slot_item, slot_abs, slot_rel, item_tokens)
+
     def input_embeds(self, batch: PromptBatch) -> torch.Tensor:
-        """Input embeddings [B, L, H]: token embeddings, item tokens (+ SPAE cues) at slots."""
-        table = self.embed.weight
-        if self.mome is None or batch.unique_items.numel() == 0:  # shape check only, no device sync
-            return F.embedding(batch.input_ids, table)
-        return self.splice(batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, self.item_tokens(batch))
+        """Input embeddings [B, L, H] of the padded batch: token embeddings, item tokens (+ SPAE cues) at slots."""
+        return self.embed_inputs(batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel,
+                                 self._batch_item_tokens(batch))
 
     def splice(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                slot_rel: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
@@ -249,19 +256,32 @@ class SpeederRecModel(nn.Module):
         pos = self.positions if self.positions is not None else self._no_cues
         return pos.splice(input_ids, self.embed.weight, slot_item, slot_abs, slot_rel, item_tokens)
 
-    def _embeds_packed(self, batch: PromptBatch) -> torch.Tensor:
-        """Input embeddings [1, T, H] of the packed row (splice run on packed ids/slots, no padding)."""
-        pb = batch.packed
-        assert pb is not None
-        table = self.embed.weight
-        if self.mome is None or batch.unique_items.numel() == 0:
-            return F.embedding(pb.input_ids, table)
-        slot_item, slot_abs, slot_rel = pb.extras
-        return self.splice(pb.input_ids, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
+    def _batch_item_tokens(self, batch: PromptBatch) -> torch.Tensor | None:
+        """:meth:`item_tokens` of the batch, or None when it has no item slot (no MoME, or text-only)."""
+        if self.mome is None or batch.unique_items.numel() == 0:  # shape check only, no device sync
+            return None
+        return self.item_tokens(batch)
 
     def uses_packing(self, batch: PromptBatch) -> bool:
         """True when ``batch`` runs packed (packing on and the batch carries its packed form)."""
         return self.packing and batch.packed is not None
+
+    def _inputs(self, batch: PromptBatch) -> tuple[tuple[Any, ...], dict]:
+        """``((input_ids, slot_item, slot_abs, slot_rel, item_tokens), decoder kwargs)`` of ``batch`` in the
+        layout it runs in: the packed row (+ :meth:`PackedBatch.model_kwargs`), or the padded batch (a
+        padding mask only when it is left-padded: under a plain causal mask real tokens of a
+        right-padded row never see its padding, and only real positions are read)."""
+        items = self._batch_item_tokens(batch)
+        if self.uses_packing(batch):
+            pb = batch.packed
+            return (pb.input_ids, *pb.extras, items), pb.model_kwargs()
+        mask = None if batch.right_padded else batch.attention_mask
+        return (batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, items), {"attention_mask": mask}
+
+    def decode(self, embeds: torch.Tensor, **decoder_kwargs: Any) -> torch.Tensor:
+        """The decoder's last hidden states (after the final norm) for ``embeds``, ``use_cache=False``."""
+        out = self.decoder(inputs_embeds=embeds, use_cache=False, **decoder_kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
         """Decoder last hidden states (after the final norm).
@@ -271,16 +291,8 @@ class SpeederRecModel(nn.Module):
         ``max_length`` from :meth:`PackedBatch.model_kwargs` (no device-to-host sync here).
         Use :meth:`flat_rows` to address answer / loss positions in either layout.
         """
-        if self.uses_packing(batch):
-            embeds = self._embeds_packed(batch)
-            out = self.decoder(inputs_embeds=embeds, use_cache=False, **batch.packed.model_kwargs())
-        else:
-            embeds = self.input_embeds(batch)
-            # right padding: real tokens never see padding under a plain causal mask, and only real
-            # positions are read (answer / loss rows), so no padding mask is needed
-            mask = None if batch.right_padded else batch.attention_mask
-            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        inputs, kw = self._inputs(batch)
+        return self.decode(self.embed_inputs(*inputs), **kw)
 
     def flat_rows(self, batch: PromptBatch, padded_flat: torch.Tensor, packed: bool) -> torch.Tensor:
         """Map flat padded indices ``b * L + p`` to rows of ``hidden.reshape(-1, H)`` (device gather)."""
@@ -345,9 +357,20 @@ class SpeederRecModel(nn.Module):
         for the label tokens in score mode). In eval mode under ``no_grad`` the MRC item tokens come
         from the cached catalogue (:meth:`MoME.encode_catalog`, computed once).
         """
-        h = self.hidden_states(batch)
-        last = h.reshape(-1, h.shape[-1]).index_select(0, self.answer_rows(batch, self.uses_packing(batch)))
-        return self.answer_scores(last, batch.label_token_ids)
+        inputs, kw = self._inputs(batch)
+        return self.score_inputs(*inputs, self.answer_rows(batch, self.uses_packing(batch)), batch.label_token_ids,
+                                 **kw)
+
+    def score_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                     slot_rel: torch.Tensor, item_tokens: torch.Tensor | None, rows: torch.Tensor,
+                     label_token_ids: torch.Tensor, item_keys: torch.Tensor | None = None,
+                     **decoder_kwargs: Any) -> torch.Tensor:
+        """The scoring path on plain tensors, shared by :meth:`score` and
+        :class:`~speeder_fast.model.static.StaticScorer`: :meth:`embed_inputs` -> :meth:`decode` -> the
+        hidden states at flat rows ``rows`` (int64 ``[B]`` of ``hidden.reshape(-1, H)``) ->
+        :meth:`answer_scores` (``[B, N]`` label logits, or ``[B, n_items]`` item scores), fp32."""
+        h = self.decode(self.embed_inputs(input_ids, slot_item, slot_abs, slot_rel, item_tokens), **decoder_kwargs)
+        return self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), label_token_ids, item_keys)
 
     def answer_scores(self, last: torch.Tensor, label_token_ids: torch.Tensor,
                       item_keys: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,8 +11,9 @@ replayed:
 * item slots address the cached catalogue (:meth:`MoME.encode_catalog`, cast once to the
   embedding dtype) instead of the batch's unique items, so no shape depends on the batch contents:
   ``row = unique_items[slot // k] * k + slot % k``, computed on the device (no host sync);
-* the forward (splice, decoder without a padding mask, the label rows of the LM head at the answer
-  position) is one function of fixed-shape tensors, compiled with
+* the forward is :meth:`SpeederRecModel.score_inputs`, the scoring path :meth:`SpeederRecModel.score`
+  runs too (splice, decoder without a padding mask, the label rows of the LM head or the item head
+  at the answer position), called on fixed-shape tensors and compiled with
   ``torch.compile(mode=..., dynamic=False)``; ``reduce-overhead`` records a CUDA graph per shape
   bucket and replays it (inputs are copied into the graph's static buffers; the output is cloned
   before the next replay overwrites it).
@@ -130,16 +131,10 @@ class StaticScorer:
     def _forward(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                  slot_rel: torch.Tensor, answer_pos: torch.Tensor, label_ids: torch.Tensor,
                  catalog: torch.Tensor | None, item_keys: torch.Tensor | None = None) -> torch.Tensor:
-        m = self.model
-        if catalog is None:
-            embeds = F.embedding(input_ids, m.embed.weight)
-        else:
-            embeds = m.splice(input_ids, slot_item, slot_abs, slot_rel, catalog)
-        out = m.decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False)
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        Bs, Lb, H = h.shape
-        rows = torch.arange(Bs, device=h.device) * Lb + answer_pos
-        return m.answer_scores(h.reshape(-1, H).index_select(0, rows), label_ids, item_keys)
+        Bs, Lb = input_ids.shape
+        rows = torch.arange(Bs, device=input_ids.device) * Lb + answer_pos
+        return self.model.score_inputs(input_ids, slot_item, slot_abs, slot_rel, catalog, rows, label_ids, item_keys,
+                                       attention_mask=None)
 
     def padded_inputs(self, batch: Any, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
         """The fixed-shape inputs of rows ``start:stop`` of ``batch`` (at most ``batch_size`` rows)."""
