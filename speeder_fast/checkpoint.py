@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -370,12 +370,14 @@ def _remove_dir(path: Path) -> None:
 
 
 def save_checkpoint(target: str | Path, state: TrainState, step: int | None = None,
-                    world_size: int | None = None) -> Path:
+                    world_size: int | None = None, export: Callable[[Path], Any] | None = None) -> Path:
     """Write ``state`` to directory ``target`` atomically (temp dir + fsync + rename).
 
     Everything is serialised in memory first, so an unsupported value raises :class:`CheckpointError`
     before anything touches the disk. An existing ``target`` is replaced only after the new one is
-    complete. Returns ``target``.
+    complete. ``export(tmp_dir)`` may write more files into the checkpoint before it is sealed (the
+    training loop writes the peft adapter folder, ``adapter/``): they are fsync'ed, listed in the
+    manifest (verified like every other file) and renamed into place with the rest. Returns ``target``.
     """
     target = Path(target)
     step = int(state.step if step is None else step)
@@ -419,6 +421,15 @@ def save_checkpoint(target: str | Path, state: TrainState, step: int | None = No
         for name, data in blobs.items():
             _write_bytes(tmp / name, data)
         files = sorted(list(tensor_files) + list(blobs))
+        if export is not None:
+            export(tmp)
+            extra = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            extra = [f for f in extra if f not in files]
+            for f in extra:
+                _fsync_path(tmp / f)
+            for d in sorted({(tmp / f).parent for f in extra}, reverse=True):
+                _fsync_path(d, directory=True)
+            files += extra
         manifest = {"format": FORMAT_VERSION, "step": step,
                     "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
         _write_bytes(tmp / MANIFEST, _dumps(manifest, "manifest"))
@@ -532,15 +543,23 @@ class CheckpointManager:
         keep_last: keep the newest ``keep_last`` step checkpoints (>= 1; ``train.keep_checkpoints``).
             Aliases (``best``, ``stage1``, ``final``, ...) are separate directories, never pruned.
         clean_stale: remove ``.tmp-*`` / ``.trash-*`` leftovers of a crashed save (rank 0 only).
+        export: ``export(checkpoint_tmp_dir)`` writes extra files into every checkpoint that becomes
+            ``best`` or gets the ``final`` alias, before it is sealed (:func:`save_checkpoint`); the
+            training loop writes the peft adapter folder ``adapter/`` with it.
 
     Only one process may write (rank 0); any number may read.
     """
 
     BEST = "best"
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 2, clean_stale: bool = True) -> None:
+    #: aliases whose checkpoints get the ``export`` files (with ``best``)
+    EXPORT_ALIASES = ("final",)
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2, clean_stale: bool = True,
+                 export: Callable[[Path], Any] | None = None) -> None:
         if keep_last < 1:
             raise CheckpointError(f"keep_last must be >= 1 (train.keep_checkpoints), got {keep_last}")
+        self.export = export
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = int(keep_last)
@@ -609,7 +628,9 @@ class CheckpointManager:
             info = self.best_info()
             prev = None if info is None else info.get("metric")
             is_best = m is not None and math.isfinite(m) and (prev is None or not math.isfinite(prev) or m > prev)
-        target = save_checkpoint(self.path_for(step), state, step=step, world_size=world_size)
+        exported = self.export is not None and (is_best or any(a in self.EXPORT_ALIASES for a in aliases))
+        target = save_checkpoint(self.path_for(step), state, step=step, world_size=world_size,
+                                 export=self.export if exported else None)
         names = list(aliases) + ([self.BEST] if is_best else [])
         for a in names:
             _alias_dir(target, self.root / a)

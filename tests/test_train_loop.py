@@ -1,5 +1,6 @@
 """Training loop, run folder, reload + evaluation, CLI (tiny random Llama, CPU)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -195,3 +196,68 @@ def test_adapter_lr_scale_groups_and_run(llm_dir, tmp_path, cache):
     groups = load_checkpoint(res.run_dir / "checkpoints" / "step-00000002").optimizer["param_groups"]
     assert [g["lr_scale"] for g in groups] == [1.0, 5.0]
     assert groups[0]["lr"] == pytest.approx(lr2) and groups[1]["lr"] == pytest.approx(5.0 * lr2)
+
+
+def test_hf_adapter_loads_with_peft_and_tensorboard_curves(llm_dir, tmp_path, cache):
+    """best/final checkpoints hold the LoRA adapter in peft's own format: PeftModel.from_pretrained on the
+    base model gives the run's logits. train.report_to=tensorboard writes the curves as event files."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from speeder_fast.checkpoint import verify_checkpoint
+
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    cfg.train.report_to = "tensorboard"
+    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=3, lr=5e-3)]
+    cfg.train.eval_every = 0
+    res = train(cfg, progress=False, prepared=prepared)
+    ck = res.run_dir / "checkpoints"
+    for name in ("final", "best"):
+        files = verify_checkpoint(ck / name)["files"]  # the adapter is listed in (and verified by) the manifest
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(files), files
+    assert not (ck / "step-00000002" / "adapter").exists()  # a plain step checkpoint has none
+    config = json.loads((ck / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == cfg.model.lora_r
+
+    base = AutoModelForCausalLM.from_pretrained(str(llm_dir)).eval()
+    ids = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        hf = PeftModel.from_pretrained(base, str(ck / "final" / "adapter")).eval()(input_ids=ids).logits
+        ours = res.components.model.llm.eval()(input_ids=ids).logits
+    torch.testing.assert_close(hf, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hf, plain, atol=1e-4)  # the trained LoRA is in it (peft starts B at zero)
+
+    if importlib.util.find_spec("tensorboard") is None:  # an optional extra (pip install -e ".[dev]" has it)
+        assert not (res.run_dir / "tensorboard").exists()
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(res.run_dir / "tensorboard"))
+    acc.Reload()
+    jsonl = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["global_step"]: r["loss"] for r in jsonl if r["type"] == "train"}
+    assert {e.step: e.value for e in acc.Scalars("train/loss")} == pytest.approx(losses)
+    assert [e.step for e in acc.Scalars("eval/NDCG_10")] == [3]
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line(llm_dir, tmp_path, cache, monkeypatch, caplog):
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    cfg.train.report_to = "tensorboard"
+    cfg.train.stages = [StageConfig(modalities=["text"], max_steps=1, lr=3e-3)]
+    lg = logging.getLogger("speeder_fast")
+    lg.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="speeder_fast"):
+            res = train(cfg, progress=False, prepared=prepared)
+    finally:
+        lg.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if "report_to" in r.getMessage()]
+    assert len(lines) == 1 and "tensorboard package is not installed" in lines[0] and "pip install tensorboard" in lines[0]
+    assert (res.run_dir / "metrics.jsonl").is_file() and not (res.run_dir / "tensorboard").exists()

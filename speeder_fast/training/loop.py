@@ -56,7 +56,7 @@ from speeder_fast.utils import get_logger, seed_everything
 
 from .batches import MicroBatches
 from .run import (FEATURES_FILE, METRICS_FILE, Components, added_embedding_rows, build_components, check_resumable,
-                  cut_metrics_log, load_features, make_run_dir, uses_mome, write_run_files)
+                  cut_metrics_log, export_adapter, load_features, make_run_dir, uses_mome, write_run_files)
 from .step import StepContext, StepStats, lr_at, prepare_stage, train_step
 
 log = get_logger("speeder_fast.training")
@@ -256,7 +256,8 @@ def start_run(cfg: Config, run_dir: Path | None, progress: bool, prepared: Any, 
                  "(%.1f examples each on average)", tc.max_tokens_per_batch,
                  "padded" if stream.padded_cost else "packed", micro_per_epoch, n_train / max(1, micro_per_epoch))
     return Run(cfg, comp, run_dir, world, rank, stages, stream, micro_per_epoch,
-               CheckpointManager(run_dir, keep_last=tc.keep_checkpoints, clean_stale=main),
+               CheckpointManager(run_dir, keep_last=tc.keep_checkpoints, clean_stale=main,
+                                 export=lambda d: export_adapter(comp.model, d)),
                NonFiniteMonitor(comp.device), progress, to_toml(cfg))
 
 
