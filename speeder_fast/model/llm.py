@@ -15,9 +15,11 @@ it is needed (answer positions), never to every prompt position:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -125,7 +127,11 @@ def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int =
     if cfg.precision == "nf4":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if device.type != "cuda":
+            log.info("model.precision=nf4 on %s: bitsandbytes' own CPU 4-bit kernels, fp32 compute (slow; QLoRA "
+                     "is meant for CUDA)", device.type)
+        with _peft_reads_deprecated_attribute():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
@@ -139,13 +145,23 @@ def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int =
         lcfg = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
         )
-        model = get_peft_model(model, lcfg)
+        with _peft_reads_deprecated_attribute():
+            model = get_peft_model(model, lcfg)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     # after LoRA / quantisation: liger binds fused forwards onto the existing module instances
     model.speeder_liger = apply_liger(model, cfg.liger, device=device, logger=log)
     model.speeder_attn_impl = impl
     return model
+
+
+@contextlib.contextmanager
+def _peft_reads_deprecated_attribute() -> Iterator[None]:
+    """peft (<= 0.21) reads ``PreTrainedModel.is_gradient_checkpointing``, which transformers 5 deprecated
+    with a FutureWarning on every model load; ignore exactly that warning around peft's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def base_model(llm: nn.Module) -> nn.Module:
