@@ -51,7 +51,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
+# torch's profiler backend (kineto) prints "USDT: ... profiler_start / profiler_stop" debug lines to
+# stderr at every trace; its level is read once, when torch loads (set KINETO_LOG_LEVEL=4 or lower to
+# see kineto's own messages again)
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402
 
 from .config import ANSWER_MODES, KERNEL_CHOICES, PARADIGMS, PRECISIONS, SPLITS
 from .hardware import card_name, has_weights, peak_tflops, versions

@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--run {args.run}: run folder does not exist")
         from speeder_fast.training.run import load_run
 
-        comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-        comp.model.set_packing(comp.cfg.train.packing)
+        comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)  # train.packing applied (one log line)
         ds = comp.prepared.dataset
         mode = mode or ("catalogue" if comp.builder.item_mode else "persisted")
         if args.users == "all":

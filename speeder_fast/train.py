@@ -102,6 +102,33 @@ def resolve_resume_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def trained_lines(seconds: float, steps: int, epoch_seconds: float, n_train: int) -> str:
+    """The two timing lines printed after training, each saying what it counts."""
+    return (f"trained: {steps} steps in {seconds:.1f} s wall time (setup, validation and checkpoints included)\n"
+            f"training steps alone: {epoch_seconds:.1f} s per epoch of {n_train} examples (validation excluded)")
+
+
+def finished_report(run_dir: str | Path) -> str:
+    """What ``--resume`` prints for a finished run: the run folder, its timing lines and its metrics
+    tables (the ``eval_<split>_<mode>.md`` files of its evaluations; without any, the last validation)."""
+    from speeder_fast.checkpoint import finished_summary
+    from speeder_fast.evaluate import format_table
+
+    run = Path(run_dir).resolve()
+    parts = [f"run {run} has already finished; nothing to resume."]
+    summary = finished_summary(run) or {}
+    if "steps" in summary:
+        parts.append(trained_lines(float(summary.get("total_seconds") or 0.0), int(summary["steps"]),
+                                   float(summary.get("epoch_seconds") or 0.0), int(summary.get("n_train") or 0)))
+    tables = sorted(run.glob("eval_*_*.md"))
+    if tables:
+        parts += [p.read_text(encoding="utf-8").strip() + f"\n\n({p.name})" for p in tables]
+    elif isinstance(summary.get("valid"), dict):
+        parts.append("last validation (train.eval_max_examples examples; no test evaluation was run):\n\n"
+                     + format_table([("valid", summary["valid"])]))
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input, 3 out of memory, 4 NaN/Inf loss).
 
@@ -120,13 +147,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.resume:
-            from speeder_fast.checkpoint import finished_summary, is_finished, refuse_checkpoint_dir
+            from speeder_fast.checkpoint import is_finished, refuse_checkpoint_dir
 
             refuse_checkpoint_dir(args.resume, "--resume")  # RUN/checkpoints/final is not a run folder
             if is_finished(args.resume):
                 if int(os.environ.get("RANK", "0") or 0) == 0:
-                    print(f"run {Path(args.resume).resolve()} has already finished; nothing to resume.\n"
-                          f"summary: {finished_summary(args.resume)}")
+                    print(finished_report(args.resume))
                 return 0
             resolved.append(resolve_resume_config(args))
         else:
@@ -159,8 +185,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                 resume=bool(args.resume))
     comp = res.components
     if rank0:
-        print(f"trained in {res.seconds:.1f} s ({res.steps} steps, {res.epoch_seconds:.1f} s per epoch of "
-              f"{len(comp.prepared.train)} examples)")
+        print(trained_lines(res.seconds, res.steps, res.epoch_seconds, len(comp.prepared.train)))
     if not args.no_eval:
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,
                                 cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.generate_max_tokens, comp.device,

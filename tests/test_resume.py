@@ -128,6 +128,9 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path):
     r = run_cli(["--config", str(tmp_path / "ref.toml"), "--no-progress", "--no-eval"], env)
     assert r.returncode == 0, r.stderr[-3000:]
     ref = tmp_path / "out" / "ref"
+    # the two timing lines say what they count
+    assert "trained: 10 steps in " in r.stdout and "(setup, validation and checkpoints included)" in r.stdout
+    assert "s per epoch of " in r.stdout and "examples (validation excluded)" in r.stdout
 
     cfg = tiny_config(llm, data, tmp_path / "out", "killed")
     (tmp_path / "killed.toml").write_text(to_toml(cfg))
@@ -161,6 +164,7 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path):
     # resuming a finished run says so and exits 0 without touching it
     r = run_cli(["--resume", str(run), "--no-progress"], env)
     assert r.returncode == 0 and "already finished" in r.stdout
+    assert "| model | n |" in r.stdout and "| valid | 8 |" in r.stdout and "{'" not in r.stdout, r.stdout
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint(inputs, tmp_path):
