@@ -261,3 +261,46 @@ def test_report_to_tensorboard_without_the_package_is_one_line(llm_dir, tmp_path
     lines = [r.getMessage() for r in caplog.records if "report_to" in r.getMessage()]
     assert len(lines) == 1 and "tensorboard package is not installed" in lines[0] and "pip install tensorboard" in lines[0]
     assert (res.run_dir / "metrics.jsonl").is_file() and not (res.run_dir / "tensorboard").exists()
+
+
+def test_choices_defined_once_and_config_resolve(tmp_path):
+    """Each set of choices is one tuple in speeder_fast.config: argparse choices, validate() and the
+    modules that dispatch on a value read it. config.resolve(preset, toml, sets) is the public resolution."""
+    import argparse
+
+    from speeder_fast import config as C
+    from speeder_fast import profile
+    from speeder_fast.kernels._common import FORCE_CHOICES
+    from speeder_fast.model import prompts
+    from speeder_fast.train import build_parser
+
+    def choices(parser):
+        return {a.dest: tuple(a.choices) for a in parser._actions if a.choices and not isinstance(a.choices, dict)}
+
+    tr = choices(build_parser())
+    assert (tr["paradigm"], tr["precision"], tr["mode"], tr["device"]) == (C.PARADIGMS, C.PRECISIONS, C.ANSWER_MODES,
+                                                                          C.DEVICES)
+    sub = next(a for a in profile.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert choices(sub["train"])["paradigm"] == C.PARADIGMS and choices(sub["train"])["precision"] == C.PRECISIONS
+    assert choices(sub["kernels"])["force"] == C.KERNEL_CHOICES and choices(sub["infer"])["split"] == C.SPLITS
+    assert FORCE_CHOICES is C.KERNEL_CHOICES and prompts.PARADIGMS is C.PARADIGMS
+    for key, allowed in C.CHOICE_FIELDS:  # validate names the key and the allowed values
+        cfg = Config()
+        *path, last = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, "bogus")
+        with pytest.raises(C.ConfigError, match=rf"{key}: 'bogus' is not {C.one_of(allowed)}"):
+            C.validate(cfg)
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("[train]\nbatch_size = 3\nnum_workers = 4\n")  # num_workers: removed, old files still load
+    cfg = C.resolve("quick", toml, ["prompt.paradigm=titles"])
+    assert cfg.data.max_users == 300 and cfg.train.batch_size == 3 and cfg.prompt.paradigm == "titles"
+    assert len(cfg.train.stages) == 1 and not hasattr(cfg.train, "num_workers")  # text paradigms: one stage
+    assert C.resolve() == Config() and C.load_config(toml).train.batch_size == 3
+    with pytest.raises(C.ConfigError, match="unknown preset 'fast'"):
+        C.resolve("fast")
+    with pytest.raises(C.ConfigError, match="unknown config key 'train.num_worker'"):
+        C.resolve(None, None, ["train.num_worker=1"])
