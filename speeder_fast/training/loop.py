@@ -109,6 +109,9 @@ def hybrid_share(cfg: Config, stage: StageConfig, step: int, total: int) -> floa
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: the run folder, the trained components (model in eval mode, the last
+    stage's modalities active), the last validation, and timings."""
+
     run_dir: Path
     components: Components
     valid: dict | None  # last validation result
