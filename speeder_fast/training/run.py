@@ -323,7 +323,11 @@ def export_adapter(model: Any, checkpoint_dir: Path) -> Path | None:
     if not hasattr(llm, "peft_config"):
         return None
     out = Path(checkpoint_dir) / ADAPTER_DIR
-    llm.save_pretrained(str(out))
+    # the LoRA tensors given explicitly: peft would otherwise call the whole model's state_dict(), and
+    # bitsandbytes' 4-bit layers then undo their CPU weight packing, so this rank would compute the next
+    # steps differently from the others (and from a run that did not export)
+    lora = {n: p.detach() for n, p in llm.named_parameters() if "lora_" in n}
+    llm.save_pretrained(str(out), state_dict=lora)
     return out
 
 
