@@ -1,7 +1,7 @@
 """Facts about the machine, shared by the profiler (``speeder_fast.profile``) and the benchmarks
 (``benchmarks/bench_utils.py`` re-exports them): the card's name, its dense peak FLOP/s, package
-versions, and whether a model folder holds weights. No torch import at module level cost beyond
-torch itself; nothing here touches a device except to read its name."""
+versions, and whether a model folder holds weights. Nothing here touches a device except to read
+its name."""
 
 from __future__ import annotations
 

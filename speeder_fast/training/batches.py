@@ -116,9 +116,19 @@ class MicroBatches:
     number of processes either. :meth:`position`/:meth:`seek` save/restore where the stream is
     (checkpoints).
 
-    ``curriculum``: some stage mixes text-only prompts in (``hybrid_share < 1``); a token plan then
-    costs every example at the longer of its soft-token and text-only prompt, so the budget holds
-    whichever form the draw picks.
+    Args:
+        comp: the run's :class:`~speeder_fast.training.run.Components` (its ``cfg``, ``prepared``,
+            ``builder`` and ``model.packing`` are read).
+        batch_size: examples per rank and micro-batch (``train.batch_size``), without a token budget.
+        seed: permutation seed (``cfg.seed``).
+        world_size, rank: the processes.
+        max_tokens: per-rank token budget (``train.max_tokens_per_batch``; 0 = example counts).
+        curriculum: some stage mixes text-only prompts in (``hybrid_share < 1``); a token plan then
+            costs every example at the longer of its soft-token and text-only prompt, so the budget
+            holds whichever form the draw picks.
+
+    Raises:
+        ValueError: ``max_tokens < 0``.
     """
 
     def __init__(self, comp: Any, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
