@@ -16,7 +16,6 @@ under ``torch.no_grad()``; fwd+bwd timings run the forward with grad-requiring l
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,12 @@ from typing import Any, Callable
 
 import torch
 
-from speeder_fast.kernels import (
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from bench_utils import card_name, cuda_time_ms  # noqa: E402,F401  (card_name: re-exported for the tests)
+from speeder_fast.kernels import (  # noqa: E402
     inject_positions,
     inject_positions_reference,
     mome_combine,
@@ -257,24 +261,8 @@ def inject_runner(impl: str, mode: str, inp: dict[str, Any]) -> Callable[[], Any
 
 
 # ----------------------------------------------------------------------------------------------
-# timing
+# timing (cuda_time_ms: bench_utils)
 # ----------------------------------------------------------------------------------------------
-def cuda_time_ms(fn: Callable[[], Any], reps: int = 50, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, each bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Device copy bandwidth in GB/s: ``dst.copy_(src)`` of ``nbytes``, counting read + written bytes."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
@@ -282,10 +270,6 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: in
     ms = cuda_time_ms(lambda: dst.copy_(src), reps=reps, warmup=3)
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def card_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------

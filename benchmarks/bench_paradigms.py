@@ -6,10 +6,13 @@ everything here is plain Python, nothing depends on pytest.
 What one measurement is (the code a training run / an evaluation runs, nothing re-implemented):
 
 * ``train``: ``PromptBuilder.build`` from the :class:`~speeder_fast.data.dataset.PreparedData`
-  arrays -> ``PromptBatch.to(device)`` -> ``SpeederRecModel.forward`` (answer-token loss) ->
-  ``backward`` -> ``clip_grad_norm_(1.0)`` -> ``AdamW.step`` -> ``zero_grad`` (the inner step of
-  ``speeder_fast.training.loop.train``; trainable parameters chosen by its ``set_trainable`` for the
-  last MPO stage: LoRA + every MoME expert + gate/norm + SPAE for ``speeder``, LoRA only otherwise).
+  arrays -> :func:`speeder_fast.training.step.train_step`, the step the training loop runs:
+  ``PromptBatch.to(device)`` -> ``SpeederRecModel.forward`` with the configured loss (score mode,
+  ``train.score_loss=labels``: cross-entropy over the candidate label logits) -> ``backward`` ->
+  ``clip_grad_norm_(train.grad_clip)`` -> ``AdamW.step`` (``train.weight_decay``, parameter groups of
+  ``train.adapter_lr_scale``, warmup + cosine lr) -> ``zero_grad``; the stage comes from
+  ``prepare_stage`` for the last MPO stage: LoRA + every MoME expert + gate/norm + SPAE for
+  ``speeder``, LoRA only otherwise. Records carry ``loss`` (``label``).
 * ``score``: build (no answer) -> ``SpeederRecModel.score`` under ``no_grad`` -> argmax (the
   ``speeder_fast.evaluate`` score path; MoME tokens come from the cached catalogue, as in eval).
 * ``score_compiled``: the same scoring through ``speeder_fast.model.static.StaticScorer`` (what
@@ -42,10 +45,9 @@ Models (:func:`model_specs`):
   tokenizer's (49152) so the prompts are token-for-token the SmolLM2 ones.
 * ``tiny`` (smoke mode only): SmolLM2 config shrunk to 2 layers x 64 hidden, random weights.
 
-Memory: CUDA ``max_memory_allocated`` (peak; ``step_mem_mb`` = peak minus what was allocated
-before the case); CPU: the process peak RSS during the case (``/proc/self/status`` VmHWM after
-resetting it through ``/proc/self/clear_refs``, after glibc ``malloc_trim``) and its growth over
-the RSS before the case -- coarse (allocator caching, other threads), labelled ``cpu_peak_rss``.
+Memory: ``bench_utils.PeakMemory``: CUDA ``max_memory_allocated`` (peak; ``step_mem_mb`` = peak minus
+what was allocated before the case); CPU: the process peak RSS during the case and its growth over
+the RSS before it -- coarse (allocator caching, other threads), labelled ``cpu_peak_rss``.
 
 CPU: torch runs with ONE thread by default (:func:`cpu_threads`: on the shared 2-core machine two
 OpenMP threads were 10x slower), training batch 2 (a verbose step at batch 2 already peaks at
@@ -55,17 +57,12 @@ OpenMP threads were 10x slower), training batch 2 (a verbose step at batch 2 alr
 from __future__ import annotations
 
 import dataclasses
-import gc
-import importlib.metadata as md
-import json
+import itertools
 import math
 import os
-import platform
-import re
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,6 +75,9 @@ if str(ROOT) not in sys.path:
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+import bench_utils  # noqa: E402  (benchmarks/ is on sys.path)
+from bench_utils import PeakMemory, card_name, free_memory, has_weights  # noqa: E402,F401
 
 PARADIGMS = ("verbose", "titles", "speeder")
 PHASES = ("train", "score", "generate")
@@ -137,106 +137,9 @@ def budget_seconds() -> float:
         return 0.0
 
 
-def version(pkg: str) -> str | None:
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return None
-
-
-def card_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
-
-
 def environment_info(device: torch.device) -> dict[str, Any]:
-    """Card, versions, date, load: the header of every report."""
-    info = {
-        "device": device.type,
-        "card": card_name(device),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "python": platform.python_version(),
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "triton",
-                                             "liger-kernel", "pytest-benchmark")},
-        "smoke": is_smoke(),
-        "data": str(data_dir()),
-    }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = list(os.getloadavg())
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-    return info
-
-
-# ----------------------------------------------------------------------------------------------
-# memory
-# ----------------------------------------------------------------------------------------------
-def _proc_kb(field_name: str) -> int | None:
-    try:
-        m = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _malloc_trim() -> None:
-    """glibc ``malloc_trim(0)``: return free heap memory to the OS (no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory of one case: CUDA max_memory_allocated, or the CPU process peak RSS."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base_mb = 0.0
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            _malloc_trim()  # hand freed heap pages back, so RSS growth is this case's
-            try:  # "5" resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.base_mb = (_proc_kb("VmRSS") or 0) / 1024
-
-    def stop(self) -> dict[str, Any]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            hwm = _proc_kb("VmHWM")
-            peak = hwm / 1024 if hwm is not None else float("nan")
-        return {"mem_kind": self.kind, "peak_mem_mb": round(peak, 1), "step_mem_mb": round(peak - self.base_mb, 1)}
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+    """Card, versions, date, load (``bench_utils.environment_info``) + smoke mode and data folder."""
+    return bench_utils.environment_info(device, smoke=is_smoke(), data=str(data_dir()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,10 +167,6 @@ def smollm2_source() -> Path:
     from speeder_fast.assets import resolve_model
 
     return Path(resolve_model("smollm2-135m"))
-
-
-def has_weights(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
 
 
 def model_specs(device: torch.device, smoke: bool) -> list[ModelSpec]:
@@ -514,8 +413,10 @@ class ParadigmRunner:
     def make_fn(self, case: Case) -> tuple[Callable[[], Any], dict[str, Any]]:
         """``(fn, info)``: ``fn()`` runs one full step of ``case`` and synchronizes the device."""
         from speeder_fast.model import match_generated
-        from speeder_fast.training.loop import resolve_stages, set_trainable
+        from speeder_fast.training.batches import MicroBatch
+        from speeder_fast.training.loop import resolve_stages
         from speeder_fast.training.run import Components
+        from speeder_fast.training.step import loss_name, prepare_stage, train_step
 
         model, builder, dev = self.model, self.builder, self.device
         B = int(case.batch)
@@ -543,24 +444,23 @@ class ParadigmRunner:
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
         if phase == "train":
+            # the training loop's own step (speeder_fast.training.step.train_step): the configured loss
+            # (label cross-entropy: score mode, train.score_loss=labels), parameter groups, weight decay and
+            # clipping of the last MPO stage, and its warmup + cosine schedule
             comp = Components(self.cfg, dev, self.env.prepared, self.env.tokenizer, builder, model, self.modalities)
             stage = resolve_stages(self.cfg, self.modalities)[-1]
-            model.set_stage(stage.modalities)
-            params = set_trainable(comp, stage, set())
-            info["trainable_params"] = int(sum(p.numel() for p in params))
+            ctx = prepare_stage(comp, stage, total=max(1, case.warmup + case.rounds))
+            info["trainable_params"] = int(sum(p.numel() for p in ctx.params))
             info["stage_modalities"] = list(stage.modalities)
-            opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0, betas=(0.9, 0.999))
+            info["loss"] = loss_name(self.cfg)
             model.train()
+            steps = itertools.count()
 
             def fn() -> Any:
                 batch = builder.build(hist, lens, cands, tgts, with_answer=True)
-                loss = model(batch.to(dev))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                stats = train_step(ctx, next(steps), [MicroBatch(batch, 1.0, B)])
                 sync()
-                return loss
+                return stats.loss
 
             return fn, info
 

@@ -31,47 +31,24 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata as md
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from bench_utils import Timer, card_name, peak_memory_gb, peak_tflops, reset_peak_memory, versions  # noqa: E402
 
 VARIANTS = ("hf_full_logits", "sdpa_padded", "packed_varlen", "packed_liger")
 ACHIEVABLE_TFLOPS = 790.0
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' datasheets.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM5 / "H100 80GB HBM3"
-    ("H200", 989.0),  # same GH100 compute as H100 SXM
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def peak_tflops(name: str) -> float | None:
-    for key, val in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return val
-    return None
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -165,48 +142,6 @@ def build_model(args: argparse.Namespace, precision: str, device: torch.device, 
     return model
 
 
-# ------------------------------------------------------------------------------------------- timing
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def __call__(self, fn, warmup: int, steps: int) -> tuple[float, Any]:
-        """Mean seconds per call of ``fn`` over ``steps`` after ``warmup`` calls."""
-        out = None
-        for _ in range(warmup):
-            out = fn()
-        self.sync()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                out = fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000 / steps, out
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = fn()
-        return (time.perf_counter() - t0) / steps, out
-
-
-def _reset_mem(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
-
 # ------------------------------------------------------------------------------------------ variants
 
 
@@ -295,7 +230,7 @@ def run_precision(args, precision: str, device: torch.device, dtype: torch.dtype
     n_body, n_head = body_params(cfg), cfg.vocab_size * cfg.hidden_size
     batch = make_batch(args, args.seed)
     timer = Timer(device)
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = peak_tflops(card_name(device), "bf16") if device.type == "cuda" else None
     liger_done = False
     plabel = precision if precision == "nf4" else str(dtype).replace("torch.", "")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -325,16 +260,16 @@ def run_precision(args, precision: str, device: torch.device, dtype: torch.dtype
                     p.copy_(snapshot[n])
             try:
                 train_step, infer_step, n_tok, n_ans = make_steps(model, variant, batch, device, use_liger)
-                _reset_mem(device)
+                reset_peak_memory(device)
                 loss0 = float(train_step())  # first warm-up step: same weights for every variant
                 t_train, _ = timer(train_step, max(0, args.warmup - 1), args.steps)
-                mem_train = _peak_gb(device)
-                _reset_mem(device)
+                mem_train = peak_memory_gb(device)
+                reset_peak_memory(device)
                 t_inf, _ = timer(infer_step, args.warmup, args.steps)
-                mem_inf = _peak_gb(device)
+                mem_inf = peak_memory_gb(device)
             except torch.cuda.OutOfMemoryError as e:
                 skipped.append({"run": label, "why": f"CUDA OOM: {str(e).splitlines()[0]}"})
-                _reset_mem(device)
+                reset_peak_memory(device)
                 continue
             train_flops = 4 * n_body * n_tok + 4 * n_head * n_ans
             inf_flops = 2 * n_body * n_tok + 2 * n_head * args.batch
@@ -362,7 +297,7 @@ def run_precision(args, precision: str, device: torch.device, dtype: torch.dtype
         restore_liger_globals()
         del model
         gc.collect()
-        _reset_mem(device)
+        reset_peak_memory(device)
 
 
 def markdown(results: list, skipped: list, meta: dict) -> str:
@@ -447,14 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list = []
     skipped: list = []
     meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": card_name(device),
         "dtype": str(dtype).replace("torch.", ""),
         "shape": f"llama h{args.hidden} L{args.layers} heads{args.heads}/{args.kv_heads} i{args.intermediate} "
                  f"v{args.vocab}",
         "batch": args.batch, "prompt": f"{args.prompt_len}+-{args.len_jitter}", "lora_r": args.lora_r,
-        "versions": {k: _version(k) for k in ("torch", "transformers", "peft", "bitsandbytes", "flash-attn",
-                                               "liger-kernel", "triton")},
-        "peak_bf16_tflops": peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
+        "versions": versions(),
+        "peak_bf16_tflops": peak_tflops(card_name(device), "bf16") if device.type == "cuda" else None,
         "achievable_tflops": ACHIEVABLE_TFLOPS,
         "args": {k: v for k, v in vars(args).items()},
     }

@@ -25,8 +25,9 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 #: floating dtypes the Triton kernels accept for their activations / tables.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: values accepted by the dispatchers' ``force`` argument (mirrors ``model.use_kernels``).
-FORCE_CHOICES = ("auto", "triton", "torch")
+#: values accepted by the dispatchers' ``force`` argument: ``model.use_kernels``'s choices, defined once in
+#: :mod:`speeder_fast.config`.
+from speeder_fast.config import KERNEL_CHOICES as FORCE_CHOICES  # noqa: E402
 
 _POISON = False
 

@@ -382,12 +382,19 @@ def build_hf_dir_from_gguf(gguf_path: Path, out_dir: Path, dtype: str = SMOLLM2_
     max_len = getattr(config, "max_position_embeddings", None)
     if max_len:
         tok.model_max_length = int(max_len)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-
-    # Round-trip check: the saved folder must load without GGUF and reproduce the logits.
+    # the save and the round-trip reload below run without transformers' progress bars: the one
+    # "Loading weights" bar of the conversion is the GGUF load above, not a second one for the check
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        # Round-trip check: the saved folder must load without GGUF and reproduce the logits.
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch_dtype).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     probe = tok("A short probe sentence.", return_tensors="pt")
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch_dtype).eval()
     with torch.no_grad():
         a = model(**probe).logits
         b = reloaded(**probe).logits

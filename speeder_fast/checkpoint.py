@@ -56,7 +56,7 @@ from .utils import atomic_write_json, get_logger, sha256_file
 __all__ = [
     "CheckpointError", "TrainState", "CheckpointManager", "FORMAT_VERSION",
     "optimizer_state_to_tensors", "load_optimizer_state", "state_to_tensors", "state_from_tensors",
-    "capture_rng", "restore_rng", "trainable_state_dict", "load_trainable",
+    "capture_rng", "restore_rng",
     "mark_finished", "is_finished", "finished_summary", "save_checkpoint", "load_checkpoint",
     "verify_checkpoint", "refuse_checkpoint_dir",
 ]
@@ -82,7 +82,7 @@ class TrainState:
     Attributes:
         step: global optimizer step at save time (the manager's ``save(step, ...)`` argument wins).
         stage: MPO stage index (0-based) the run is in.
-        weights: trainable weights, name -> tensor (see :func:`trainable_state_dict`).
+        weights: trainable weights, name -> tensor (``SpeederRecModel.trainable_state_dict()``).
         optimizer: ``optimizer.state_dict()`` (AdamW: step/exp_avg/exp_avg_sq + param_groups), or None.
         scheduler: ``lr_scheduler.state_dict()``, or None.
         data: data-loader position; by convention ``{"epoch": int, "step_in_epoch": int,
@@ -304,56 +304,6 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator | np.random.G
 
 
 # --------------------------------------------------------------------------------------------------
-# Model weights
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / compile wrappers
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def trainable_state_dict(model: torch.nn.Module, include: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    """Name -> detached tensor of the weights to checkpoint (DDP/compile wrappers are unwrapped).
-
-    By default the parameters with ``requires_grad``. With MPO stages that freeze earlier experts or
-    LoRA, pass ``include`` covering every parameter trained in *any* stage (e.g. ``lambda n: not
-    n.startswith("llm.base_model.")`` or ``"lora_" in n or n.startswith("mrc.")``), so frozen-but-trained
-    weights are saved too.
-    """
-    m = _unwrap(model)
-    return {n: p.detach() for n, p in m.named_parameters()
-            if (include(n) if include is not None else p.requires_grad)}
-
-
-def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-    """Copy ``weights`` into the model's parameters in place (keeps devices/dtypes, optimizer links).
-
-    Raises :class:`CheckpointError` naming unknown names or shape mismatches; with ``strict`` also
-    when the model has trainable parameters absent from ``weights``. Returns the loaded names.
-    """
-    m = _unwrap(model)
-    params = dict(m.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise CheckpointError(f"checkpoint weights not in the model: {unknown[:5]}"
-                              f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} total)")
-    bad = [f"{n}: checkpoint {tuple(t.shape)} vs model {tuple(params[n].shape)}"
-           for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
-    if bad:
-        raise CheckpointError("checkpoint weight shapes do not match the model: " + "; ".join(bad[:5]))
-    if strict:
-        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
-        if missing:
-            raise CheckpointError(f"trainable model parameters missing from the checkpoint: {missing[:5]}"
-                                  f"{' ...' if len(missing) > 5 else ''} ({len(missing)} total)")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(device=params[n].device, dtype=params[n].dtype))
-    return sorted(weights)
-
-
-# --------------------------------------------------------------------------------------------------
 # Low-level directory writing / reading
 
 
@@ -420,12 +370,14 @@ def _remove_dir(path: Path) -> None:
 
 
 def save_checkpoint(target: str | Path, state: TrainState, step: int | None = None,
-                    world_size: int | None = None) -> Path:
+                    world_size: int | None = None, export: Callable[[Path], Any] | None = None) -> Path:
     """Write ``state`` to directory ``target`` atomically (temp dir + fsync + rename).
 
     Everything is serialised in memory first, so an unsupported value raises :class:`CheckpointError`
     before anything touches the disk. An existing ``target`` is replaced only after the new one is
-    complete. Returns ``target``.
+    complete. ``export(tmp_dir)`` may write more files into the checkpoint before it is sealed (the
+    training loop writes the peft adapter folder, ``adapter/``): they are fsync'ed, listed in the
+    manifest (verified like every other file) and renamed into place with the rest. Returns ``target``.
     """
     target = Path(target)
     step = int(state.step if step is None else step)
@@ -469,6 +421,15 @@ def save_checkpoint(target: str | Path, state: TrainState, step: int | None = No
         for name, data in blobs.items():
             _write_bytes(tmp / name, data)
         files = sorted(list(tensor_files) + list(blobs))
+        if export is not None:
+            export(tmp)
+            extra = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            extra = [f for f in extra if f not in files]
+            for f in extra:
+                _fsync_path(tmp / f)
+            for d in sorted({(tmp / f).parent for f in extra}, reverse=True):
+                _fsync_path(d, directory=True)
+            files += extra
         manifest = {"format": FORMAT_VERSION, "step": step,
                     "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
         _write_bytes(tmp / MANIFEST, _dumps(manifest, "manifest"))
@@ -582,15 +543,23 @@ class CheckpointManager:
         keep_last: keep the newest ``keep_last`` step checkpoints (>= 1; ``train.keep_checkpoints``).
             Aliases (``best``, ``stage1``, ``final``, ...) are separate directories, never pruned.
         clean_stale: remove ``.tmp-*`` / ``.trash-*`` leftovers of a crashed save (rank 0 only).
+        export: ``export(checkpoint_tmp_dir)`` writes extra files into every checkpoint that becomes
+            ``best`` or gets the ``final`` alias, before it is sealed (:func:`save_checkpoint`); the
+            training loop writes the peft adapter folder ``adapter/`` with it.
 
     Only one process may write (rank 0); any number may read.
     """
 
     BEST = "best"
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 2, clean_stale: bool = True) -> None:
+    #: aliases whose checkpoints get the ``export`` files (with ``best``)
+    EXPORT_ALIASES = ("final",)
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2, clean_stale: bool = True,
+                 export: Callable[[Path], Any] | None = None) -> None:
         if keep_last < 1:
             raise CheckpointError(f"keep_last must be >= 1 (train.keep_checkpoints), got {keep_last}")
+        self.export = export
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = int(keep_last)
@@ -659,7 +628,9 @@ class CheckpointManager:
             info = self.best_info()
             prev = None if info is None else info.get("metric")
             is_best = m is not None and math.isfinite(m) and (prev is None or not math.isfinite(prev) or m > prev)
-        target = save_checkpoint(self.path_for(step), state, step=step, world_size=world_size)
+        exported = self.export is not None and (is_best or any(a in self.EXPORT_ALIASES for a in aliases))
+        target = save_checkpoint(self.path_for(step), state, step=step, world_size=world_size,
+                                 export=self.export if exported else None)
         names = list(aliases) + ([self.BEST] if is_best else [])
         for a in names:
             _alias_dir(target, self.root / a)

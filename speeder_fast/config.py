@@ -14,7 +14,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from speeder_fast.errors import ConfigError
 
@@ -23,10 +23,47 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# ---- every set of choices, defined once: validate(), the CLIs' argparse ``choices`` and the modules
+# that dispatch on a value all read these tuples
+#: ``prompt.paradigm`` values: title + description per item, titles only (LLaRA-like), MRC soft tokens
+PARADIGMS = ("verbose", "titles", "speeder")
 #: ``prompt.answer_mode`` values: LLaRA label scoring, LLaRA title generation, the next-item head
 ANSWER_MODES = ("score", "generate", "item")
+#: ``features.modalities`` / ``train.stages[i].modalities`` values
+MODALITIES = ("text", "image", "collab")
+#: ``model.precision`` values (nf4 = QLoRA: 4-bit NF4 base, double quantization)
+PRECISIONS = ("fp32", "bf16", "nf4")
+#: ``device`` values
+DEVICES = ("auto", "cpu", "cuda")
+#: ``model.use_kernels`` values = the kernels' ``force`` argument (``speeder_fast.kernels`` imports it)
+KERNEL_CHOICES = ("auto", "triton", "torch")
+#: ``model.attn_impl`` values (see :mod:`speeder_fast.model.attention`)
+ATTN_IMPLS = ("auto", "flash", "varlen", "sdpa", "eager")
+#: ``model.liger``, ``train.packing`` and ``data.drop_duplicates`` values
+AUTO_ON_OFF = ("auto", "on", "off")
+#: ``model.head_similarity`` / ``model.head_bias_init`` values (answer_mode=item)
+HEAD_SIMILARITIES = ("cosine", "dot")
+HEAD_BIAS_INITS = ("zeros", "popularity")
+#: ``train.item_loss`` / ``train.item_sampling`` values (answer_mode=item)
+ITEM_LOSSES = ("auto", "full", "sampled")
+ITEM_SAMPLINGS = ("uniform", "popularity")
+#: ``train.score_loss`` values (score mode)
+SCORE_LOSSES = ("labels", "vocab")
+#: ``train.report_to`` values: JSONL only, or JSONL + TensorBoard event files
+REPORT_TO = ("none", "tensorboard")
+#: ``features.store_dtype`` values
+STORE_DTYPES = ("float16", "float32")
+#: evaluation splits (``eval.split``, the CLIs' ``--split``)
+SPLITS = ("valid", "test")
+#: ``eval.checkpoint`` values: the weights the train CLI's final evaluation scores
+EVAL_CHECKPOINTS = ("best", "final")
 #: ``eval.compile`` values (see :mod:`speeder_fast.model.static`)
 COMPILE_MODES = ("off", "auto", "static", "default", "reduce-overhead", "max-autotune")
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    """``"a, b or c"``: how messages list a set of choices."""
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -110,7 +147,7 @@ class ModelConfig:
 
 @dataclass
 class PromptConfig:
-    paradigm: str = _f("speeder", "verbose | titles | speeder")
+    paradigm: str = _f("speeder", " | ".join(PARADIGMS))
     answer_mode: str = _f("score", "score (LLaRA label protocol: label-token logits rank the candidates listed in the "
                           "prompt) | generate (LLaRA: greedy title) | item (next-item head: the hidden state after "
                           "each history item scores the whole catalogue against the MRC item vectors; no "
@@ -164,8 +201,9 @@ class TrainConfig:
     eval_max_examples: int = _f(200, "validation examples used for periodic evaluation (0 = all)")
     checkpoint_every: int = _f(0, "checkpoint every N steps (0 = stage ends only)")
     keep_checkpoints: int = _f(2, "keep the last K step checkpoints (plus best)")
-    num_workers: int = _f(0, "data-loader workers")
     log_every: int = _f(10, "log metrics every N steps")
+    report_to: str = _f("none", "where training curves go besides RUN/metrics.jsonl: none | tensorboard (event files "
+                                "in RUN/tensorboard/, needs the tensorboard package: pip install tensorboard)")
     packing: str = _f("auto", "auto | on | off: padding-free packing of examples")
     prefix_share: bool = _f(False, "run the fixed instruction prefix once per training forward ([1, P] with "
                                    "gradients, broadcast over the batch) instead of once per example: the same loss "
@@ -216,7 +254,7 @@ class Config:
     seed: int = _f(0, "global seed (torch, numpy, python)")
     output_dir: str = _f("runs", "where runs are written (a timestamped subfolder unless run_name is set)")
     run_name: str = _f("", "run folder name (default: timestamp + paradigm)")
-    device: str = _f("auto", "auto | cpu | cuda")
+    device: str = _f("auto", " | ".join(DEVICES))
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -275,10 +313,26 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+#: keys older versions wrote to ``config.toml`` that no longer exist: ignored (with a log line) so that
+#: their runs still resume and evaluate; anywhere else an unknown key is an error
+REMOVED_KEYS = {"train.num_workers": "it was never read (batches are built in the training process)"}
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from the (nested) table ``data`` (keys under ``prefix``).
+
+    Raises:
+        ConfigError: an unknown key (naming the valid ones), a table where a value belongs, or a value
+            of the wrong type.
+    """
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in REMOVED_KEYS:
+            import logging
+
+            logging.getLogger("speeder_fast.config").info("config key %s is ignored: %s", full, REMOVED_KEYS[full])
+            continue
         if key not in names:
             close = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key {full!r} (valid here: {close})")
@@ -351,54 +405,121 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+#: (key, choices) of every field with a fixed set of values, checked by :func:`validate`
+CHOICE_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("device", DEVICES),
+    ("data.drop_duplicates", AUTO_ON_OFF),
+    ("features.store_dtype", STORE_DTYPES),
+    ("model.precision", PRECISIONS),
+    ("model.use_kernels", KERNEL_CHOICES),
+    ("model.attn_impl", ATTN_IMPLS),
+    ("model.liger", AUTO_ON_OFF),
+    ("model.head_similarity", HEAD_SIMILARITIES),
+    ("model.head_bias_init", HEAD_BIAS_INITS),
+    ("prompt.paradigm", PARADIGMS),
+    ("prompt.answer_mode", ANSWER_MODES),
+    ("train.packing", AUTO_ON_OFF),
+    ("train.score_loss", SCORE_LOSSES),
+    ("train.item_loss", ITEM_LOSSES),
+    ("train.item_sampling", ITEM_SAMPLINGS),
+    ("train.report_to", REPORT_TO),
+    ("eval.split", SPLITS),
+    ("eval.checkpoint", EVAL_CHECKPOINTS),
+    ("eval.compile", COMPILE_MODES),
+)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+#: Named presets: lists of ``--set`` assignments applied before the config file (:func:`resolve`).
+PRESETS: dict[str, list[str]] = {
+    # ~10 min budget on 2 CPU cores: 300 users of ML-100K, the newest 800 training windows,
+    # 2 MPO stages of 40 + 40 steps x 8 examples (LoRA dropout off: its CPU RNG costs ~25% of a
+    # step), SASRec 20 epochs, 100 validation examples per stage end, 200 test users evaluated.
+    "quick": [
+        "data.max_users=300",
+        "data.max_train_examples=800",
+        "features.sasrec_epochs=20",
+        'train.stages=[{"modalities": ["text"], "max_steps": 40, "lr": 5e-4}, '
+        '{"modalities": ["text", "collab"], "max_steps": 40, "lr": 5e-4}]',
+        "train.batch_size=8",
+        "model.lora_dropout=0.0",
+        "train.eval_max_examples=100",
+        "eval.max_examples=200",
+        "eval.batch_size=16",
+    ],
+    "none": [],
+}
+
+
+def resolve(preset: str | None = None, toml: str | Path | None = None, sets: Sequence[str] = ()) -> Config:
+    """A run's configuration: the preset, then the TOML file, then the ``a.b=c`` assignments (later wins).
+
+    The file's keys win over the preset's (its tables are applied on top); stage tables become
+    :class:`StageConfig` objects; the ``verbose``/``titles`` paradigms keep only the first stage (their
+    budget is the first stage's); then :func:`validate`. ``python -m speeder_fast.train`` resolves its
+    ``--preset``, ``--config``, shortcuts and ``--set`` through this function.
+
+    Args:
+        preset: a name of :data:`PRESETS` (None = ``"none"``).
+        toml: a TOML config file (UTF-8), or None.
+        sets: ``key=value`` assignments (values parsed as JSON when possible; see :func:`set_override`).
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: an unknown preset, a missing/unreadable file, an unknown key, a bad value (all
+            problems of :func:`validate` at once).
+    """
+    name = preset or "none"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (use {one_of(tuple(sorted(PRESETS)))})")
+    cfg = Config()
+    for s in PRESETS[name]:
+        set_override(cfg, s)
+    if toml:
+        _apply(cfg, read_toml(toml))
+    for s in sets:
+        set_override(cfg, s)
+    normalise_stages(cfg)
+    if cfg.prompt.paradigm != "speeder" and len(cfg.train.stages) > 1:
+        cfg.train.stages = cfg.train.stages[:1]
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
-    """Cheap checks before any heavy work; one clear message per problem."""
+    """Cheap checks before any heavy work; one clear message per problem.
+
+    Raises:
+        ConfigError: listing every problem found (each names its key).
+    """
     errs = []
-    known_mod = {"text", "image", "collab"}
     for m in cfg.features.modalities:
-        if m not in known_mod:
-            errs.append(f"features.modalities: unknown modality {m!r} (use {sorted(known_mod)})")
+        if m not in MODALITIES:
+            errs.append(f"features.modalities: unknown modality {m!r} (use {list(MODALITIES)})")
     for i, st in enumerate(cfg.train.stages):
         for m in st.modalities:
-            if m not in known_mod:
+            if m not in MODALITIES:
                 errs.append(f"train.stages[{i}].modalities: unknown modality {m!r}")
-    if cfg.prompt.paradigm not in ("verbose", "titles", "speeder"):
-        errs.append(f"prompt.paradigm: {cfg.prompt.paradigm!r} is not one of verbose, titles, speeder")
-    if cfg.prompt.answer_mode not in ANSWER_MODES:
-        errs.append(f"prompt.answer_mode: {cfg.prompt.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
-    if cfg.model.head_similarity not in ("cosine", "dot"):
-        errs.append(f"model.head_similarity: {cfg.model.head_similarity!r} is not cosine or dot")
-    if cfg.model.head_bias_init not in ("zeros", "popularity"):
-        errs.append(f"model.head_bias_init: {cfg.model.head_bias_init!r} is not zeros or popularity")
     if not cfg.model.head_temperature > 0:
         errs.append(f"model.head_temperature must be > 0, got {cfg.model.head_temperature}")
-    if cfg.train.item_loss not in ("auto", "full", "sampled"):
-        errs.append(f"train.item_loss: {cfg.train.item_loss!r} is not auto, full or sampled")
-    if cfg.train.item_sampling not in ("uniform", "popularity"):
-        errs.append(f"train.item_sampling: {cfg.train.item_sampling!r} is not uniform or popularity")
     for key in ("item_full_max", "item_negatives", "item_logit_chunk"):
         if getattr(cfg.train, key) < 1:
             errs.append(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.model.precision not in ("fp32", "bf16", "nf4"):
-        errs.append(f"model.precision: {cfg.model.precision!r} is not fp32, bf16 or nf4")
-    if cfg.model.use_kernels not in ("auto", "triton", "torch"):
-        errs.append(f"model.use_kernels: {cfg.model.use_kernels!r} is not auto, triton or torch")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        errs.append(f"device: {cfg.device!r} is not auto, cpu or cuda")
     if cfg.data.max_history < 1:
         errs.append("data.max_history must be >= 1")
     if cfg.model.max_positions < cfg.data.max_history:
         errs.append(f"model.max_positions ({cfg.model.max_positions}) < data.max_history ({cfg.data.max_history})")
     if cfg.data.n_candidates < 2:
         errs.append("data.n_candidates must be >= 2")
-    if cfg.data.drop_duplicates not in ("auto", "on", "off"):
-        errs.append(f"data.drop_duplicates: {cfg.data.drop_duplicates!r} is not auto, on or off")
     if cfg.model.n_item_tokens < 1:
         errs.append("model.n_item_tokens must be >= 1")
-    if cfg.train.score_loss not in ("labels", "vocab"):
-        errs.append(f"train.score_loss: {cfg.train.score_loss!r} is not labels or vocab")
-    if cfg.eval.split not in ("valid", "test"):
-        errs.append(f"eval.split: {cfg.eval.split!r} is not valid or test")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         errs.append("train.batch_size and train.grad_accum must be >= 1")
     # ---- production-training checks: impossible combinations and out-of-range values
@@ -437,7 +558,7 @@ def validate(cfg: Config) -> None:
     tc = cfg.train
     if tc.keep_checkpoints < 1:
         errs.append(f"train.keep_checkpoints must be >= 1 (the last checkpoint is needed to resume), got {tc.keep_checkpoints}")
-    for key in ("checkpoint_every", "eval_every", "eval_max_examples", "max_tokens_per_batch", "num_workers", "log_every"):
+    for key in ("checkpoint_every", "eval_every", "eval_max_examples", "max_tokens_per_batch", "log_every"):
         if getattr(tc, key) < 0:
             errs.append(f"train.{key} must be >= 0, got {getattr(tc, key)}")
     if not 0 <= tc.warmup_ratio <= 1:
@@ -446,26 +567,18 @@ def validate(cfg: Config) -> None:
         errs.append("train.grad_clip and train.weight_decay must be >= 0")
     if not tc.adapter_lr_scale > 0:
         errs.append(f"train.adapter_lr_scale must be > 0, got {tc.adapter_lr_scale}")
-    if tc.packing not in ("auto", "on", "off"):
-        errs.append(f"train.packing: {tc.packing!r} is not auto, on or off")
     if cfg.model.lora_r < 0:
         errs.append(f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
     if not 0 <= cfg.model.lora_dropout < 1:
         errs.append(f"model.lora_dropout must be in [0, 1), got {cfg.model.lora_dropout}")
-    if cfg.model.attn_impl not in ("auto", "flash", "varlen", "sdpa", "eager"):
-        errs.append(f"model.attn_impl: {cfg.model.attn_impl!r} is not auto, flash, varlen, sdpa or eager")
-    if cfg.model.liger not in ("auto", "on", "off"):
-        errs.append(f"model.liger: {cfg.model.liger!r} is not auto, on or off")
-    if cfg.features.store_dtype not in ("float16", "float32"):
-        errs.append(f"features.store_dtype: {cfg.features.store_dtype!r} is not float16 or float32")
     if cfg.eval.batch_size < 1 or cfg.eval.max_examples < 0:
         errs.append("eval.batch_size must be >= 1 and eval.max_examples >= 0")
-    if cfg.eval.checkpoint not in ("best", "final"):
-        errs.append(f"eval.checkpoint: {cfg.eval.checkpoint!r} is not best or final")
-    if cfg.eval.compile not in COMPILE_MODES:
-        errs.append(f"eval.compile: {cfg.eval.compile!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.eval.length_multiple < 1:
         errs.append("eval.length_multiple must be >= 1")
+    for key, choices in CHOICE_FIELDS:
+        value = _get(cfg, key)
+        if value not in choices:
+            errs.append(f"{key}: {value!r} is not {one_of(choices)}")
     if errs:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 

@@ -44,7 +44,7 @@ import torch
 
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
-from speeder_fast.config import ANSWER_MODES, COMPILE_MODES
+from speeder_fast.config import ANSWER_MODES, COMPILE_MODES, SPLITS
 from speeder_fast.metrics import FULL_HR_KS, FULL_NDCG_KS, full_ranks, hit_rate, ndcg, rank_of_target
 from speeder_fast.errors import UsageError
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
@@ -445,7 +445,7 @@ def report_with_references(run_dir: Path, cfg: Any, prepared: PreparedData, resu
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m speeder_fast.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run folder written by speeder_fast.train")
-    ap.add_argument("--split", choices=["valid", "test"], default=None, help="default: eval.split of the run")
+    ap.add_argument("--split", choices=SPLITS, default=None, help="default: eval.split of the run")
     ap.add_argument("--mode", choices=ANSWER_MODES, default=None,
                     help="default: prompt.answer_mode of the run (item runs evaluate in item mode only)")
     ap.add_argument("--max-examples", type=int, default=None, help="0 = all (default: eval.max_examples of the run)")

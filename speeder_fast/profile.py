@@ -5,8 +5,9 @@ Subcommands:
 * ``kernels`` -- runs each custom kernel (``mome_combine``, ``inject_positions``; forward + backward)
   under ``torch.profiler``, prints the top ops, the Triton compiled metadata (registers, spills,
   shared memory, warps) when running compiled on CUDA, and writes a Chrome trace to ``--out``.
-* ``train`` -- a few real training steps (``PromptBuilder`` -> ``SpeederRecModel`` forward/backward
-  -> AdamW, the inner step of ``speeder_fast.training.loop``) under ``torch.profiler``.
+* ``train`` -- a few real training steps under ``torch.profiler``: ``MicroBatches`` (prompt build) ->
+  :func:`speeder_fast.training.step.train_step`, the very step the training loop runs (the configured
+  loss, parameter groups, weight decay, clipping and ``train.grad_accum``).
 * ``infer`` -- a few real evaluation batches (``score`` or greedy ``generate``) under the profiler.
 
 ``train`` / ``infer`` write to ``--out DIR``: ``trace.json`` (Chrome trace: chrome://tracing or
@@ -22,12 +23,16 @@ FLOP accounting (stated in ``summary.json``): ``N`` = weights of every linear la
 of the profiled steps, ``V x H`` = the LM head, applied to the ``A`` answer rows only:
 
 * training with a frozen base + LoRA: ``4 N T + 4 V H A`` (forward 2 + activation gradients 2;
-  LoRA weight gradients and attention-score FLOPs ignored, ~1-2%; the issue's 4 x params x tokens);
+  LoRA weight gradients and attention-score FLOPs ignored, ~1-2%; the issue's 4 x params x tokens).
+  ``A x V`` is the head the configured loss applies: the answer tokens x the vocabulary
+  (``train.score_loss=vocab``, generate mode), the answers x the ``N`` candidate labels (label loss,
+  the score-mode default), the item positions x the catalogue (next-item loss);
 * ``score`` inference: ``2 N T + 2 V H B``; ``generate``: ``2 N (T + G) + 2 V H (B + G)`` with ``G``
   the generated tokens of the batch (KV cache, so each new token costs one token's forward).
 
-MFU = achieved / dense peak of the card for the compute dtype (bf16 table below; fp32 on a GPU is
-reported against the card's TF32 dense peak); on CPU only TFLOP/s is reported (MFU n/a).
+MFU = achieved / dense peak of the card for the compute dtype (``speeder_fast.hardware.PEAKS``, shared
+with the benchmarks; fp32 on a GPU is reported against the card's TF32 dense peak); on CPU only
+TFLOP/s is reported (MFU n/a).
 
 Adding a subcommand: write ``_add_<name>_parser(sub)`` that creates
 its subparser and calls ``set_defaults(func=_run_<name>)``, append it to ``SUBCOMMANDS``, and reuse
@@ -46,8 +51,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
+# torch's profiler backend (kineto) prints "USDT: ... profiler_start / profiler_stop" debug lines to
+# stderr at every trace; its level is read once, when torch loads (set KINETO_LOG_LEVEL=4 or lower to
+# see kineto's own messages again)
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
+import torch  # noqa: E402
+
+from .config import ANSWER_MODES, KERNEL_CHOICES, PARADIGMS, PRECISIONS, SPLITS
+from .hardware import card_name, has_weights, peak_tflops, versions
 from .utils import atomic_path, get_logger, resolve_device
 
 log = get_logger("speeder_fast.profile")
@@ -101,7 +113,7 @@ def _add_kernels_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kernels", help="profile the custom Triton kernels (forward + backward)")
     p.add_argument("--out", type=Path, default=Path("runs/profile/kernels_trace.json"), help="Chrome trace file")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    p.add_argument("--force", default="auto", choices=("auto", "triton", "torch"), help="kernel path (auto: Triton on CUDA)")
+    p.add_argument("--force", default="auto", choices=KERNEL_CHOICES, help="kernel path (auto: Triton on CUDA)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--items", type=int, default=None, help="MoME items N (default 4096 on CUDA, 16 on CPU)")
     p.add_argument("--modalities", type=int, default=3)
@@ -216,12 +228,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-def has_weights(path: str | Path) -> bool:
-    """Whether a model folder holds weights (``*.safetensors`` or ``pytorch_model*.bin``)."""
-    p = Path(path)
-    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))
-
-
 def materialize_model_dir(src: str | Path, cache_dir: str | Path, *, seed: int = 0, overrides: dict | None = None,
                           dtype: str = "float32") -> Path:
     """A loadable HF folder with ``src``'s config (+ ``overrides``) and tokenizer and *random* weights.
@@ -274,26 +280,7 @@ def materialize_model_dir(src: str | Path, cache_dir: str | Path, *, seed: int =
 # ----------------------------------------------------------------------------------------------
 # FLOPs and peaks
 # ----------------------------------------------------------------------------------------------
-#: dense tensor-core peaks (no sparsity), TFLOP/s, vendors' datasheets: (name substring, bf16, tf32)
-PEAKS: list[tuple[str, float, float]] = [
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100 NVL", 835.0, 417.5),
-    ("GH200", 989.0, 494.7),
-    ("H200", 989.0, 494.7),
-    ("H100", 989.0, 494.7),  # SXM5 ("H100 80GB HBM3")
-    ("A100", 312.0, 156.0),
-    ("L40S", 362.0, 181.0),
-    ("A10G", 70.0, 35.0),
-    ("L4", 121.0, 60.0),
-]
-
-
-def peak_tflops(card: str, dtype: str) -> float | None:
-    """Dense peak of ``card`` for ``dtype`` (bf16/fp16/nf4 -> bf16 column, fp32 -> TF32), else None."""
-    for name, bf16, tf32 in PEAKS:
-        if name.lower() in card.lower():
-            return tf32 if dtype in ("fp32", "float32") else bf16
-    return None
+# peaks: speeder_fast.hardware.PEAKS / peak_tflops (shared with the benchmarks)
 
 
 def decoder_linear_params(model: Any) -> int:
@@ -327,11 +314,11 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML config (defaults: the built-in Config)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable), applied after the options below")
-    p.add_argument("--paradigm", choices=("verbose", "titles", "speeder"), default="speeder")
+    p.add_argument("--paradigm", choices=PARADIGMS, default="speeder")
     p.add_argument("--data", default=None, help="data.source (default: the config's, ml-100k)")
     p.add_argument("--model", default=None, help="model.llm: asset name or folder; a folder without weights "
                    "(config + tokenizer only) gets seeded random weights")
-    p.add_argument("--precision", choices=("fp32", "bf16", "nf4"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="model.precision (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--modalities", default="text,collab", help="speeder modalities (collab = SASRec, --sasrec-epochs)")
@@ -356,40 +343,32 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 def _add_infer_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="profile real evaluation batches (score, or greedy generate)")
     _add_common_model_args(p)
-    p.add_argument("--mode", choices=("score", "generate"), default="score")
+    p.add_argument("--mode", choices=[m for m in ANSWER_MODES if m != "item"], default="score")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode: cap on new tokens")
-    p.add_argument("--split", choices=("valid", "test"), default="test", help="users + persisted candidates")
+    p.add_argument("--split", choices=SPLITS, default="test", help="users + persisted candidates")
     p.add_argument("--out", type=Path, default=Path("runs/profile/infer"), help="output folder")
     p.set_defaults(func=_run_infer, phase="infer")
 
 
 def build_profile_components(args: argparse.Namespace) -> Any:
     """``Components`` (``speeder_fast.training.run.build_components``) for the options."""
-    from .config import load_config, set_override, validate
+    from .config import resolve
     from .training.run import build_components
     from .utils import cache_root
 
-    cfg = load_config(args.config)
     device = resolve_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg.device = device.type
-    cfg.seed = args.seed
-    cfg.prompt.paradigm = args.paradigm
-    if args.data:
-        cfg.data.source = args.data
-    if args.model:
-        cfg.model.llm = args.model
-    cfg.model.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    cfg.features.modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
-    cfg.features.sasrec_epochs = args.sasrec_epochs
-    if args.history:
-        cfg.data.max_history = args.history
-        cfg.model.max_positions = max(cfg.model.max_positions, args.history)
-    cfg.train.batch_size = args.batch_size
-    for o in args.sets:
-        set_override(cfg, o)
-    validate(cfg)
+    mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    sets = [f"device={device.type}", f"seed={args.seed}", f"prompt.paradigm={args.paradigm}",
+            f"model.precision={args.precision or ('bf16' if device.type == 'cuda' else 'fp32')}",
+            f"features.modalities={json.dumps(mods)}", f"features.sasrec_epochs={args.sasrec_epochs}",
+            f"train.batch_size={args.batch_size}"]
+    sets += [f"data.source={args.data}"] if args.data else []
+    sets += [f"model.llm={args.model}"] if args.model else []
+    if args.history:  # the position tables must cover the history (the config's size when larger)
+        sets += [f"data.max_history={args.history}", f"model.max_positions={max(args.history, 256)}"]
+    cfg = resolve(None, args.config, sets + list(args.sets))
     llm_dir = Path(cfg.model.llm).expanduser()
     if llm_dir.is_dir() and not has_weights(llm_dir):
         dt = "bfloat16" if cfg.model.precision == "bf16" else "float32"
@@ -441,11 +420,11 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
     n_lin = decoder_linear_params(comp.model)
     mode = extra.get("mode", "train")
     total_s = float(sum(times))
-    flops = step_flops(mode, n_lin, hf.vocab_size, hf.hidden_size, work["tokens"], work["answer_rows"],
-                       work["generated"])
+    flops = step_flops(mode, n_lin, extra.get("head_width") or hf.vocab_size, hf.hidden_size, work["tokens"],
+                       work["answer_rows"], work["generated"])
     tflops = flops / total_s / 1e12 if total_s > 0 else 0.0
     dtype = comp.cfg.model.precision
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    card = card_name(device)
     peak = peak_tflops(card, "bf16" if dtype in ("bf16", "nf4") else "fp32") if device.type == "cuda" else None
     formula = {"train": "4*N*T + 4*V*H*A", "score": "2*N*T + 2*V*H*A",
                "generate": "2*N*(T+G) + 2*V*H*(A+G)"}[mode]
@@ -456,12 +435,13 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
         "steps_timed": args.steps, "step_s": times, "step_s_median": float(statistics.median(times)) if times else None,
         "examples_per_s": work["examples"] / total_s if total_s else None,
         "tokens_per_step": work["tokens"] / max(1, args.steps), "work": work,
-        "flops_formula": formula + " (N decoder linear weights, T real prompt tokens, V*H LM head, "
-                                   "A answer rows, G generated tokens)",
+        "flops_formula": formula + " (N decoder linear weights, T real prompt tokens, V*H the head the loss "
+                                   "applies, A its rows, G generated tokens)",
         "N_linear": n_lin, "flops": flops, "tflops_per_s": tflops,
         "peak_tflops": peak, "mfu": (tflops / peak) if peak else None,
         "mfu_note": None if peak else ("CPU: MFU n/a" if device.type == "cpu" else f"no peak known for {card}"),
-        "peak_mem_gb": peak_mem, "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "trace": str(args.out / "trace.json"),
+        "peak_mem_gb": peak_mem, "versions": versions(), "torch_threads": torch.get_num_threads(),
+        "trace": str(args.out / "trace.json"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra,
     }
     atomic_write_json(args.out / "summary.json", summary)
@@ -473,34 +453,50 @@ def _profile_and_report(args: argparse.Namespace, comp: Any, phase: str, step: C
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .training.loop import MicroBatches, resolve_stages, set_trainable
+    """Profile the training step itself (:func:`~speeder_fast.training.step.train_step`, what the loop
+    runs): the last MPO stage's trainable set, AdamW with the configured parameter groups and weight
+    decay, the configured loss (next-item, label or vocabulary cross-entropy), ``train.grad_accum``
+    micro-batches, clipping at ``train.grad_clip``."""
+    import itertools
+
+    from .training.batches import MicroBatch, MicroBatches
+    from .training.loop import resolve_stages
+    from .training.step import loss_name, prepare_stage, train_step
 
     comp = build_profile_components(args)
-    model, device = comp.model, comp.device
     stage = resolve_stages(comp.cfg, comp.modalities)[-1]
-    model.set_stage(stage.modalities)
-    params = set_trainable(comp, stage, set())
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=comp.cfg.train.weight_decay)
+    ctx = prepare_stage(comp, stage, total=args.warmup + args.steps + args.profile_steps)
+    loss = loss_name(comp.cfg)
+    model = comp.model
+
+    def head_rows(batch: Any) -> int:  # rows of the head the loss applies (FLOP accounting)
+        if loss == "next-item":
+            return int(batch.item_pos.numel()) if model.item_loss.all_positions else int(batch.input_ids.shape[0])
+        return int(batch.input_ids.shape[0]) if loss == "label" else int(batch.loss_pos.numel())
+
+    head_width = {"next-item": model.mome.n_items if model.mome is not None else None,
+                  "label": int(comp.builder.label_ids.shape[0]) if loss == "label" else None}.get(loss)
     stream = MicroBatches(comp, args.batch_size, args.seed)
-    model.train()
+    steps = itertools.count()
+    comp.model.train()
 
     def step() -> dict:
-        with torch.profiler.record_function("prompt_build"):
-            batch = stream.next()
-        if isinstance(batch, tuple):  # (batch, loss weight) since the DDP-aware loop
-            batch = batch[0]
-        work = {"tokens": batch.n_tokens, "answer_rows": int(batch.loss_pos.numel()), "examples": int(batch.input_ids.shape[0])}
-        with torch.profiler.record_function("forward"):
-            loss = model(batch.to(device))
-        with torch.profiler.record_function("backward"):
-            loss.backward()
-        with torch.profiler.record_function("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, comp.cfg.train.grad_clip or 1e9)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        work = {"tokens": 0, "answer_rows": 0, "examples": 0}
+
+        def micro_batches():
+            for _ in range(ctx.grad_accum):
+                with torch.profiler.record_function("prompt_build"):
+                    batch, weight = stream.next()
+                work["tokens"] += batch.n_tokens
+                work["answer_rows"] += head_rows(batch)
+                work["examples"] += int(batch.input_ids.shape[0])
+                yield MicroBatch(batch, weight, stream.last_n_global)
+
+        train_step(ctx, next(steps), micro_batches())
         return work
 
-    _profile_and_report(args, comp, "train", step, {"mode": "train", "trainable_params": sum(p.numel() for p in params),
+    _profile_and_report(args, comp, "train", step, {"mode": "train", "loss": loss, "head_width": head_width,
+                                                    "trainable_params": sum(p.numel() for p in ctx.params),
                                                     "stage_modalities": list(stage.modalities)})
     return 0
 

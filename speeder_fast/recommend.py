@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from speeder_fast.config import COMPILE_MODES
+from speeder_fast.config import COMPILE_MODES, SPLITS
 from speeder_fast.data.readers import iter_text_lines
 from speeder_fast.errors import DataError, DataFormatError, UsageError, run_cli
 from speeder_fast.utils import atomic_write_text, get_logger
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="run folder written by speeder_fast.train")
     ap.add_argument("--users", required=True, help="file with one raw user id per line, or 'all'")
     ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--split", choices=["valid", "test"], default="test", help="persisted candidates of this split")
+    ap.add_argument("--split", choices=SPLITS, default="test", help="persisted candidates of this split")
     ap.add_argument("--candidates", nargs="+", default=None, metavar="MODE",
                     help="'catalogue' (every item the user has not interacted with; the default for item-mode "
                          "runs), 'persisted' (the split's persisted candidates; the default otherwise) or "
@@ -224,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--run {args.run}: run folder does not exist")
         from speeder_fast.training.run import load_run
 
-        comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-        comp.model.set_packing(comp.cfg.train.packing)
+        comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)  # train.packing applied (one log line)
         if args.prefix_cache is not None:
             comp.model.prefix_cache = args.prefix_cache == "on"
         ds = comp.prepared.dataset

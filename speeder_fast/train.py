@@ -32,28 +32,10 @@ import time
 from pathlib import Path
 
 
-from speeder_fast.config import (ANSWER_MODES, Config, ConfigError, _apply, describe_fields, load_config, normalise_stages,
-                                 read_toml, set_override, to_toml, validate)
+from speeder_fast.config import (ANSWER_MODES, DEVICES, PARADIGMS, PRECISIONS, PRESETS, Config, ConfigError,
+                                 describe_fields, load_config, resolve, set_override, to_toml, validate)
 
-#: Named presets: lists of ``--set`` assignments applied before the config file.
-PRESETS: dict[str, list[str]] = {
-    # ~10 min budget on 2 CPU cores: 300 users of ML-100K, the newest 800 training windows,
-    # 2 MPO stages of 40 + 40 steps x 8 examples (LoRA dropout off: its CPU RNG costs ~25% of a
-    # step), SASRec 20 epochs, 100 validation examples per stage end, 200 test users evaluated.
-    "quick": [
-        "data.max_users=300",
-        "data.max_train_examples=800",
-        "features.sasrec_epochs=20",
-        'train.stages=[{"modalities": ["text"], "max_steps": 40, "lr": 5e-4}, '
-        '{"modalities": ["text", "collab"], "max_steps": 40, "lr": 5e-4}]',
-        "train.batch_size=8",
-        "model.lora_dropout=0.0",
-        "train.eval_max_examples=100",
-        "eval.max_examples=200",
-        "eval.batch_size=16",
-    ],
-    "none": [],
-}
+__all__ = ["PRESETS", "RESUME_SAFE", "build_parser", "main", "resolve_config", "resolve_resume_config"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     ap.add_argument("--data", help="data.source (ml-100k, a RecBole folder, raw Amazon folder)")
     ap.add_argument("--model", help="model.llm (HF id/local path; smollm2-135m = offline asset)")
-    ap.add_argument("--paradigm", choices=["verbose", "titles", "speeder"], help="prompt.paradigm")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "nf4"], help="model.precision")
+    ap.add_argument("--paradigm", choices=PARADIGMS, help="prompt.paradigm")
+    ap.add_argument("--precision", choices=PRECISIONS, help="model.precision")
     ap.add_argument("--mode", choices=ANSWER_MODES, help="prompt.answer_mode")
     ap.add_argument("--output-dir", help="output_dir")
     ap.add_argument("--run-name", help="run_name")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device")
+    ap.add_argument("--device", choices=DEVICES, help="device")
     ap.add_argument("--prepare-only", action="store_true", help="prepare the data, print its statistics, exit")
     ap.add_argument("--help-config", action="store_true", help="print every config key with default and help, exit")
     ap.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
@@ -81,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset -> config file -> shortcuts -> --set (see module docstring)."""
+    """Preset -> config file -> shortcuts -> --set (see module docstring), through :func:`config.resolve`."""
     # --prepare-only shows the whole dataset unless a preset is asked for explicitly
     preset = args.preset or ("none" if args.config or args.prepare_only else "quick")
     shortcuts = []
@@ -91,25 +73,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
         v = getattr(args, flag)
         if v is not None:
             shortcuts.append(f"{key}={v}")
-    cfg = Config()
-    for s in PRESETS[preset]:
-        set_override(cfg, s)
-    if args.config:
-        # the file's keys win over the preset's: apply the file's tables on top
-        _apply(cfg, read_toml(args.config))  # clear errors for a missing file, bad TOML, unknown keys
-    for s in shortcuts + list(args.sets):
-        set_override(cfg, s)
-    normalise_stages(cfg)  # same path as load_config
-    stages = cfg.train.stages
-    if cfg.prompt.paradigm != "speeder" and len(stages) > 1:
-        cfg.train.stages = stages[:1]  # verbose/titles: a single stage (its budget = the first stage's)
-    validate(cfg)
-    return cfg
+    return resolve(preset, args.config, shortcuts + list(args.sets))
 
 
 #: ``--set`` keys allowed with ``--resume`` (they change neither the model, the data nor the schedule).
 RESUME_SAFE = ("eval.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.eval_max_examples", "device")
+               "train.eval_max_examples", "train.report_to", "device")
 
 
 def resolve_resume_config(args: argparse.Namespace) -> Config:
@@ -133,6 +102,33 @@ def resolve_resume_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def trained_lines(seconds: float, steps: int, epoch_seconds: float, n_train: int) -> str:
+    """The two timing lines printed after training, each saying what it counts."""
+    return (f"trained: {steps} steps in {seconds:.1f} s wall time (setup, validation and checkpoints included)\n"
+            f"training steps alone: {epoch_seconds:.1f} s per epoch of {n_train} examples (validation excluded)")
+
+
+def finished_report(run_dir: str | Path) -> str:
+    """What ``--resume`` prints for a finished run: the run folder, its timing lines and its metrics
+    tables (the ``eval_<split>_<mode>.md`` files of its evaluations; without any, the last validation)."""
+    from speeder_fast.checkpoint import finished_summary
+    from speeder_fast.evaluate import format_table
+
+    run = Path(run_dir).resolve()
+    parts = [f"run {run} has already finished; nothing to resume."]
+    summary = finished_summary(run) or {}
+    if "steps" in summary:
+        parts.append(trained_lines(float(summary.get("total_seconds") or 0.0), int(summary["steps"]),
+                                   float(summary.get("epoch_seconds") or 0.0), int(summary.get("n_train") or 0)))
+    tables = sorted(run.glob("eval_*_*.md"))
+    if tables:
+        parts += [p.read_text(encoding="utf-8").strip() + f"\n\n({p.name})" for p in tables]
+    elif isinstance(summary.get("valid"), dict):
+        parts.append("last validation (train.eval_max_examples examples; no test evaluation was run):\n\n"
+                     + format_table([("valid", summary["valid"])]))
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input, 3 out of memory, 4 NaN/Inf loss).
 
@@ -151,13 +147,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.resume:
-            from speeder_fast.checkpoint import finished_summary, is_finished, refuse_checkpoint_dir
+            from speeder_fast.checkpoint import is_finished, refuse_checkpoint_dir
 
             refuse_checkpoint_dir(args.resume, "--resume")  # RUN/checkpoints/final is not a run folder
             if is_finished(args.resume):
                 if int(os.environ.get("RANK", "0") or 0) == 0:
-                    print(f"run {Path(args.resume).resolve()} has already finished; nothing to resume.\n"
-                          f"summary: {finished_summary(args.resume)}")
+                    print(finished_report(args.resume))
                 return 0
             resolved.append(resolve_resume_config(args))
         else:
@@ -190,8 +185,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                 resume=bool(args.resume))
     comp = res.components
     if rank0:
-        print(f"trained in {res.seconds:.1f} s ({res.steps} steps, {res.epoch_seconds:.1f} s per epoch of "
-              f"{len(comp.prepared.train)} examples)")
+        print(trained_lines(res.seconds, res.steps, res.epoch_seconds, len(comp.prepared.train)))
     if not args.no_eval:
         ckpt = "final"
         best = res.run_dir / "checkpoints" / "best"

@@ -285,7 +285,7 @@ def write_tiny_llama_gguf(path: Path) -> None:
     w.close()
 
 
-def test_smollm2_path_builds_plain_hf_dir_from_gguf_wheel(cache, monkeypatch, tmp_path):
+def test_smollm2_path_builds_plain_hf_dir_from_gguf_wheel(cache, monkeypatch, tmp_path, capfd):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     gguf_file = tmp_path / "tiny.gguf"
@@ -299,8 +299,11 @@ def test_smollm2_path_builds_plain_hf_dir_from_gguf_wheel(cache, monkeypatch, tm
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")                        # a half-built leftover
 
+    capfd.readouterr()
     out = assets.smollm2_path()
     assert out == target
+    err = capfd.readouterr().err  # one "Loading weights" bar (the GGUF load), none for the save + check
+    assert err.count("Loading weights: 100%") == 1 and "Writing model shards" not in err, err
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "speeder_asset.json"} <= {
         p.name for p in out.iterdir()}
     assert not list(out.glob("*.gguf")) and leftovers(out.parent) == []

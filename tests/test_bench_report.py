@@ -226,7 +226,8 @@ def test_materialize_model_dir_random_weights(tiny_setup, tmp_path: Path) -> Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from speeder_fast.profile import has_weights, materialize_model_dir
+    from speeder_fast.hardware import has_weights
+    from speeder_fast.profile import materialize_model_dir
 
     _, llm, _ = tiny_setup
     cfg_only = tmp_path / "cfg_only"
@@ -266,6 +267,8 @@ def test_profile_train_infer_cli(tiny_setup, tmp_path: Path, monkeypatch: pytest
     n, toks = s["N_linear"], s["work"]["tokens"]
     if sub == "train":
         assert s["mode"] == "train" and s["flops"] >= 4 * n * toks and s["stage_modalities"] == ["text"]
+        # the training loop's step and loss (score mode: label cross-entropy over the 6 candidate labels)
+        assert s["loss"] == "label" and s["head_width"] == 6 and s["work"]["answer_rows"] == 2 * 2  # 2 timed steps x 2 answers
     elif s["mode"] == "score":
         assert 2 * n * toks <= s["flops"] < 4 * n * toks
     else:
@@ -273,7 +276,8 @@ def test_profile_train_infer_cli(tiny_setup, tmp_path: Path, monkeypatch: pytest
 
 
 def test_flop_formulas_and_peaks() -> None:
-    from speeder_fast.profile import peak_tflops, step_flops
+    from speeder_fast.hardware import peak_tflops
+    from speeder_fast.profile import step_flops
 
     assert step_flops("train", 100, 10, 4, tokens=50, answer_rows=2) == 4 * 100 * 50 + 4 * 10 * 4 * 2
     assert step_flops("score", 100, 10, 4, tokens=50, answer_rows=2) == 2 * 100 * 50 + 2 * 10 * 4 * 2
@@ -282,6 +286,34 @@ def test_flop_formulas_and_peaks() -> None:
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert peak_tflops("NVIDIA H200", "fp32") == 494.7
     assert peak_tflops("some cpu", "bf16") is None
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # bf16 by default
+
+
+def test_machine_helpers_have_one_source() -> None:
+    """Card name, peak FLOP/s, versions and has_weights are defined once (speeder_fast.hardware); the
+    profiler and every benchmark script use those (benchmarks/bench_utils.py re-exports them)."""
+    import torch
+
+    import bench_kernels
+    import bench_paradigms
+    import bench_utils
+    import fastpath_check
+    from speeder_fast import hardware, profile
+
+    for name in ("card_name", "peak_tflops", "has_weights", "versions"):
+        assert getattr(bench_utils, name) is getattr(hardware, name), name
+    assert profile.card_name is bench_kernels.card_name is bench_paradigms.card_name is hardware.card_name
+    assert fastpath_check.peak_tflops is profile.peak_tflops is hardware.peak_tflops
+    assert fastpath_check.Timer is bench_utils.Timer and bench_paradigms.PeakMemory is bench_utils.PeakMemory
+    card = hardware.card_name(torch.device("cpu"))
+    assert card.startswith("CPU ") and "torch threads" in card and hardware.peak_tflops(card) is None
+    v = hardware.versions()
+    assert v["torch"] == torch.__version__.split("+")[0] or v["torch"] == torch.__version__
+    t, out = bench_utils.Timer(torch.device("cpu"))(lambda: 3, warmup=1, steps=2)
+    assert t >= 0 and out == 3
+    mem = bench_utils.PeakMemory(torch.device("cpu"))
+    mem.start()
+    assert mem.stop()["mem_kind"] == "cpu_peak_rss"
 
 
 def test_paradigm_cases_on_nf4_llama_cpu(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:

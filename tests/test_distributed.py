@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from speeder_fast import distributed as D
-from speeder_fast.checkpoint import (CheckpointManager, TrainState, capture_rng, load_trainable, restore_rng,
-                                     trainable_state_dict)
+from speeder_fast.checkpoint import CheckpointManager, TrainState, capture_rng, restore_rng
 from speeder_fast.errors import DistributedError
 
 N_TRAIN, GLOBAL_BATCH, EPOCHS, SAVE_AT = 33, 8, 2, 4  # 33 = 4 full global batches + 1 single example
@@ -110,7 +109,7 @@ def _fit(world: int, rank: int, mgr: CheckpointManager | None = None, save_at: i
     probe = None
     if resume:
         st = mgr.load_latest_valid()
-        load_trainable(net, st.weights)
+        model.load_state_dict(st.weights)
         opt.load_state_dict(st.optimizer)
         restore_rng(st.rng[rank])
         probe = torch.rand(3).tolist()  # must equal what this rank drew right after capture
@@ -131,7 +130,7 @@ def _fit(world: int, rank: int, mgr: CheckpointManager | None = None, save_at: i
             if gstep == save_at:
                 rng = D.gather_objects([capture_rng()])  # collective: every rank
                 if D.is_main():
-                    mgr.save(gstep, TrainState(step=gstep, weights=trainable_state_dict(net), optimizer=opt.state_dict(),
+                    mgr.save(gstep, TrainState(step=gstep, weights=dict(model.state_dict()), optimizer=opt.state_dict(),
                                                data={"epoch": epoch, "step_in_epoch": b.step_in_epoch + 1,
                                                      "global_step": gstep}, rng=rng), world_size=world)
                 probe = torch.rand(3).tolist()

@@ -1,4 +1,5 @@
-"""Padding-free packing and token-budget batching."""
+"""Padding-free packing (``pack_padded``, the builder's ``pack_numpy``) and token-budget batching
+(``training.batches.plan_token_batches``, what ``train.max_tokens_per_batch`` runs)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from speeder_fast.model.packing import pack_padded, pack_sequences, token_budget_batches
+from speeder_fast.model.packing import pack_padded
+from speeder_fast.model.prompts import pack_numpy
+from speeder_fast.training.batches import plan_token_batches
 from test_fastpath_helpers import var_batch
 
 
@@ -51,15 +54,18 @@ def test_pack_positions_2d_and_model_kwargs():
     assert kw["max_length_q"] == 4 and kw["cu_seq_lens_q"] is pb.cu_seqlens
 
 
-def test_pack_sequences_matches_pack_padded():
-    seqs = [[4, 5, 6], [7], [8, 9]]
-    lab = [[-100, 5, 6], [-100], [9, -100]]
-    pb = pack_sequences(seqs, lab)
-    assert pb.input_ids[0].tolist() == [4, 5, 6, 7, 8, 9]
-    assert pb.extras[0][0].tolist() == [-100, 5, 6, -100, 9, -100]
-    assert pb.position_ids[0].tolist() == [0, 1, 2, 0, 0, 1]
-    with pytest.raises(ValueError, match="extra\\[0\\]\\[1\\] has length 2"):
-        pack_sequences(seqs, [[1, 2, 3], [1, 2], [1, 2]])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pack_numpy_matches_pack_padded(side):
+    """The builder packs on the host with numpy (``pack_numpy``); it equals ``pack_padded`` field by field."""
+    lens = [5, 9, 1, 7]
+    ids, mask, labels = var_batch(lens, left=side == "left")
+    a = pack_padded(ids, mask, labels)
+    b = pack_numpy(np.asarray(lens), ids.shape[1], side, ids.numpy(), labels.numpy())
+    for f in ("input_ids", "position_ids", "cu_seqlens", "seq_index", "lengths", "flat_index", "padded_to_packed"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and torch.equal(x, y), f
+    assert torch.equal(a.extras[0], b.extras[0])
+    assert a.max_seqlen == b.max_seqlen == 9 and a.padded_shape == b.padded_shape == (4, 9)
 
 
 def test_pack_padded_errors():
@@ -80,38 +86,29 @@ def test_to_keeps_host_int():
     assert isinstance(pb.max_seqlen, int) and pb.cu_seqlens.dtype == torch.int32
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_token_budget_batches_budget_and_coverage(shuffle, padded):
+def test_plan_token_batches_budget_coverage_and_greedy(padded):
     rng = np.random.default_rng(3)
     lengths = rng.integers(20, 140, size=500)
+    order = rng.permutation(500)
     budget = 1000
-    batches = token_budget_batches(lengths, budget, shuffle=shuffle, seed=7, padded=padded)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(500))  # every index exactly once
-    for b in batches:
-        cost = len(b) * max(lengths[b]) if padded else sum(lengths[b])
-        assert cost <= budget
+    batches, n_over = plan_token_batches(order, lengths, budget, 1, padded)
+    assert n_over == 0
+    np.testing.assert_array_equal(np.concatenate(batches), order)  # consecutive, every example once
+
+    def cost(b):
+        return len(b) * lengths[b].max() if padded else lengths[b].sum()
+
+    assert all(cost(b) <= budget for b in batches)
     # greedy: a batch is closed only when the next example would not fit
     for b, nxt in zip(batches[:-1], batches[1:]):
-        cand = b + [nxt[0]]
-        cost = len(cand) * max(lengths[cand]) if padded else sum(lengths[cand])
-        assert cost > budget
-    if shuffle:
-        assert flat != list(range(500))
-        assert batches == token_budget_batches(lengths, budget, shuffle=True, seed=7, padded=padded)
-        assert batches != token_budget_batches(lengths, budget, shuffle=True, seed=8, padded=padded)
-    else:
-        assert flat == list(range(500))
+        assert cost(np.append(b, nxt[0])) > budget
 
 
-def test_token_budget_batches_limits():
-    lengths = [10, 50, 10, 10, 10]
-    with pytest.raises(ValueError, match="example 1 has 50 tokens"):
-        token_budget_batches(lengths, 40, shuffle=False)
-    got = token_budget_batches(lengths, 40, shuffle=False, allow_oversize=True)
-    assert got == [[0], [1], [2, 3, 4]]
-    assert token_budget_batches([1] * 7, 100, shuffle=False, max_examples=3) == [[0, 1, 2], [3, 4, 5], [6]]
-    with pytest.raises(ValueError, match="max_tokens"):
-        token_budget_batches(lengths, 0)
-    assert token_budget_batches([], 10) == []
+def test_plan_token_batches_limits():
+    lengths = np.array([10, 50, 10, 10, 10])
+    batches, n_over = plan_token_batches(np.arange(5), lengths, 40)
+    assert [b.tolist() for b in batches] == [[0], [1], [2, 3, 4]] and n_over == 1  # oversize: a batch of its own
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        plan_token_batches(np.arange(5), lengths, 0)
+    assert plan_token_batches(np.arange(0), lengths, 10) == ([], 0)

@@ -325,7 +325,8 @@ def test_build_components_item_mode(llm_dir, cache, paradigm):
     """Item mode: sequence windows, a head tied to a MoME (text-only for titles, no SPAE there), the
     popularity bias init, and the head trained in the stage (``set_trainable``)."""
     from speeder_fast.evaluate import item_popularity
-    from speeder_fast.training.loop import resolve_stages, set_trainable
+    from speeder_fast.training.loop import resolve_stages
+    from speeder_fast.training.step import set_trainable
     from speeder_fast.training.run import build_components
 
     prepared = tiny.make_prepared(n_candidates=8, max_history=5)

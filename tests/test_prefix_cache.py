@@ -186,7 +186,7 @@ def test_generation_equals_uncached(llm_dir, paradigm, side):
             h, cache, mask, pos = _prefill(model, batch)
             tok = model._head(h).argmax(-1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            h2 = model.run_decoder(model.embed(tok)[:, None], cache, attention_mask=mask, position_ids=pos[:, None])
+            h2 = model.decode(model.embed(tok)[:, None], cache, attention_mask=mask, position_ids=pos[:, None])
         if model.prefix_cache:
             torch.testing.assert_close(model._head(h2[:, -1]), ref, **TOL)
         else:

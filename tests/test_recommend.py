@@ -125,3 +125,17 @@ def test_cli_errors_name_the_line(cli, run, tmp_path, capsys):
     assert not out.exists()  # nothing written half
     assert cli(["--run", str(run[0]), "--users", str(users), "--candidates", "all-unseen", "x"]) == 2
     assert cli(["--run", str(tmp_path / "missing"), "--users", str(users)]) == 2
+
+
+def test_cli_logs_the_packing_line_once(cli, run, tmp_path, caplog):
+    """load_run applies train.packing (one `packing:` line); the CLI does not apply it a second time."""
+    import logging
+
+    lg = logging.getLogger("speeder_fast")
+    lg.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="speeder_fast"):
+            assert cli(["--run", str(run[0]), "--users", "all", "--out", str(tmp_path / "r.jsonl")]) == 0
+    finally:
+        lg.removeHandler(caplog.handler)
+    assert sum(r.getMessage().startswith("packing:") for r in caplog.records) == 1, caplog.text

@@ -1,5 +1,8 @@
 """Kill a training run with SIGKILL mid-epoch, resume it, and reach exactly the uninterrupted result.
 
+The run kills itself at a chosen step through ``train(..., on_step=...)`` (:data:`KILL_AT_STEP`), so the
+interruption point is exact and nothing in the training loop waits for a test.
+
 Runs the real CLI (``python -m speeder_fast.train``) as subprocesses on a tiny random Llama and a tiny
 RecBole-format dataset written by the test, on CPU with one thread (deterministic): the resumed run's
 final trainable weights are bit-identical to an uninterrupted run's, and its per-step losses after the
@@ -13,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,21 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+#: ``python -c KILL_AT_STEP CONFIG N``: train CONFIG and SIGKILL the process right after global step N (the
+#: ``on_step`` hook of :func:`speeder_fast.training.train`), as a crash or a preemption would
+KILL_AT_STEP = """
+import os, signal, sys
+from speeder_fast.config import load_config
+from speeder_fast.training import train
+
+def kill_at(progress, step=int(sys.argv[2])):
+    if progress.global_step == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_config(sys.argv[1]), progress=False, on_step=kill_at)
+"""
+
+
 def run_cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "speeder_fast.train", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -111,23 +128,22 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path):
     r = run_cli(["--config", str(tmp_path / "ref.toml"), "--no-progress", "--no-eval"], env)
     assert r.returncode == 0, r.stderr[-3000:]
     ref = tmp_path / "out" / "ref"
+    # the two timing lines say what they count
+    assert "trained: 10 steps in " in r.stdout and "(setup, validation and checkpoints included)" in r.stdout
+    assert "s per epoch of " in r.stdout and "examples (validation excluded)" in r.stdout
 
     cfg = tiny_config(llm, data, tmp_path / "out", "killed")
     (tmp_path / "killed.toml").write_text(to_toml(cfg))
     run = tmp_path / "out" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "speeder_fast.train", "--config", str(tmp_path / "killed.toml"),
-                             "--no-progress", "--no-eval"], cwd=REPO, env=cli_env(tmp_path, SPEEDER_DEBUG_STEP_SLEEP="0.4"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = run / "checkpoints" / "step-00000004"  # stage 1 is 5 steps: killed inside stage 1, mid-epoch
-    t0 = time.time()
-    while not target.is_dir() and proc.poll() is None and time.time() - t0 < 180:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert target.is_dir(), "the run ended before its step-4 checkpoint"
+    # the run SIGKILLs itself through train()'s on_step hook after global step 5: stage 1 is 5 steps, so
+    # that is inside stage 1, mid-epoch, after the step-4 checkpoint and step 5's log record
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(tmp_path / "killed.toml"), "5"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "step-00000004").is_dir(), "the run ended before its step-4 checkpoint"
     assert not (run / "FINISHED.json").exists() and not (run / "checkpoints" / "final").exists()
     killed_at = max(train_losses(run))
-    assert 4 <= killed_at < 10
+    assert killed_at == 5 and not (run / "checkpoints" / "step-00000005").exists()
 
     r = run_cli(["--resume", str(run), "--no-progress", "--no-eval"], env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -148,6 +164,7 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path):
     # resuming a finished run says so and exits 0 without touching it
     r = run_cli(["--resume", str(run), "--no-progress"], env)
     assert r.returncode == 0 and "already finished" in r.stdout
+    assert "| model | n |" in r.stdout and "| valid | 8 |" in r.stdout and "{'" not in r.stdout, r.stdout
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint(inputs, tmp_path):

@@ -1,5 +1,6 @@
 """Training loop, run folder, reload + evaluation, CLI (tiny random Llama, CPU)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -161,7 +162,7 @@ def test_adapter_lr_scale_groups_and_run(llm_dir, tmp_path, cache):
     """train.adapter_lr_scale puts MoME/SPAE in their own AdamW group at scale x the stage lr; 1.0
     keeps one group (old checkpoints' optimizer state still loads); a run with a scale trains."""
     from speeder_fast.config import ConfigError, validate
-    from speeder_fast.training.loop import param_groups, set_trainable
+    from speeder_fast.training.step import param_groups, set_trainable
     from speeder_fast.training.run import build_components
 
     prepared = tiny.make_prepared(n_candidates=8, max_history=5)
@@ -195,3 +196,111 @@ def test_adapter_lr_scale_groups_and_run(llm_dir, tmp_path, cache):
     groups = load_checkpoint(res.run_dir / "checkpoints" / "step-00000002").optimizer["param_groups"]
     assert [g["lr_scale"] for g in groups] == [1.0, 5.0]
     assert groups[0]["lr"] == pytest.approx(lr2) and groups[1]["lr"] == pytest.approx(5.0 * lr2)
+
+
+def test_hf_adapter_loads_with_peft_and_tensorboard_curves(llm_dir, tmp_path, cache):
+    """best/final checkpoints hold the LoRA adapter in peft's own format: PeftModel.from_pretrained on the
+    base model gives the run's logits. train.report_to=tensorboard writes the curves as event files."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from speeder_fast.checkpoint import verify_checkpoint
+
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    cfg.train.report_to = "tensorboard"
+    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=3, lr=5e-3)]
+    cfg.train.eval_every = 0
+    res = train(cfg, progress=False, prepared=prepared)
+    ck = res.run_dir / "checkpoints"
+    for name in ("final", "best"):
+        files = verify_checkpoint(ck / name)["files"]  # the adapter is listed in (and verified by) the manifest
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(files), files
+    assert not (ck / "step-00000002" / "adapter").exists()  # a plain step checkpoint has none
+    config = json.loads((ck / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == cfg.model.lora_r
+
+    base = AutoModelForCausalLM.from_pretrained(str(llm_dir)).eval()
+    ids = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        hf = PeftModel.from_pretrained(base, str(ck / "final" / "adapter")).eval()(input_ids=ids).logits
+        ours = res.components.model.llm.eval()(input_ids=ids).logits
+    torch.testing.assert_close(hf, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hf, plain, atol=1e-4)  # the trained LoRA is in it (peft starts B at zero)
+
+    if importlib.util.find_spec("tensorboard") is None:  # an optional extra (pip install -e ".[dev]" has it)
+        assert not (res.run_dir / "tensorboard").exists()
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(res.run_dir / "tensorboard"))
+    acc.Reload()
+    jsonl = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["global_step"]: r["loss"] for r in jsonl if r["type"] == "train"}
+    assert {e.step: e.value for e in acc.Scalars("train/loss")} == pytest.approx(losses)
+    assert [e.step for e in acc.Scalars("eval/NDCG_10")] == [3]
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line(llm_dir, tmp_path, cache, monkeypatch, caplog):
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    prepared = tiny.make_prepared(n_candidates=8, max_history=5)
+    cfg = _cfg(llm_dir, tmp_path)
+    cfg.train.report_to = "tensorboard"
+    cfg.train.stages = [StageConfig(modalities=["text"], max_steps=1, lr=3e-3)]
+    lg = logging.getLogger("speeder_fast")
+    lg.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="speeder_fast"):
+            res = train(cfg, progress=False, prepared=prepared)
+    finally:
+        lg.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if "report_to" in r.getMessage()]
+    assert len(lines) == 1 and "tensorboard package is not installed" in lines[0] and "pip install tensorboard" in lines[0]
+    assert (res.run_dir / "metrics.jsonl").is_file() and not (res.run_dir / "tensorboard").exists()
+
+
+def test_choices_defined_once_and_config_resolve(tmp_path):
+    """Each set of choices is one tuple in speeder_fast.config: argparse choices, validate() and the
+    modules that dispatch on a value read it. config.resolve(preset, toml, sets) is the public resolution."""
+    import argparse
+
+    from speeder_fast import config as C
+    from speeder_fast import profile
+    from speeder_fast.kernels._common import FORCE_CHOICES
+    from speeder_fast.model import prompts
+    from speeder_fast.train import build_parser
+
+    def choices(parser):
+        return {a.dest: tuple(a.choices) for a in parser._actions if a.choices and not isinstance(a.choices, dict)}
+
+    tr = choices(build_parser())
+    assert (tr["paradigm"], tr["precision"], tr["mode"], tr["device"]) == (C.PARADIGMS, C.PRECISIONS, C.ANSWER_MODES,
+                                                                          C.DEVICES)
+    sub = next(a for a in profile.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert choices(sub["train"])["paradigm"] == C.PARADIGMS and choices(sub["train"])["precision"] == C.PRECISIONS
+    assert choices(sub["kernels"])["force"] == C.KERNEL_CHOICES and choices(sub["infer"])["split"] == C.SPLITS
+    assert FORCE_CHOICES is C.KERNEL_CHOICES and prompts.PARADIGMS is C.PARADIGMS
+    for key, allowed in C.CHOICE_FIELDS:  # validate names the key and the allowed values
+        cfg = Config()
+        *path, last = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, "bogus")
+        with pytest.raises(C.ConfigError, match=rf"{key}: 'bogus' is not {C.one_of(allowed)}"):
+            C.validate(cfg)
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("[train]\nbatch_size = 3\nnum_workers = 4\n")  # num_workers: removed, old files still load
+    cfg = C.resolve("quick", toml, ["prompt.paradigm=titles"])
+    assert cfg.data.max_users == 300 and cfg.train.batch_size == 3 and cfg.prompt.paradigm == "titles"
+    assert len(cfg.train.stages) == 1 and not hasattr(cfg.train, "num_workers")  # text paradigms: one stage
+    assert C.resolve() == Config() and C.load_config(toml).train.batch_size == 3
+    with pytest.raises(C.ConfigError, match="unknown preset 'fast'"):
+        C.resolve("fast")
+    with pytest.raises(C.ConfigError, match="unknown config key 'train.num_worker'"):
+        C.resolve(None, None, ["train.num_worker=1"])

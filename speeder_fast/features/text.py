@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import FeatureConfig
 from ..data.dataset import RecDataset
 from ..errors import ConfigError
 from ..utils import get_logger
@@ -91,7 +92,7 @@ def render_item_texts(dataset: RecDataset, template: str) -> tuple[list[str], np
     """(texts, present) for every item: ``present[i]`` is False when all used fields are empty."""
     names = template_fields(template)
     missing = [n for n in names if n not in dataset.item_text]
-    if missing:
+    if missing and template != FeatureConfig.text_template:  # the default names every usual column: no warning
         log.warning("text template fields %s are not columns of %s (rendered empty); columns: %s",
                     missing, dataset.name, dataset.text_fields())
     cols = {n: dataset.item_text.get(n) for n in names}

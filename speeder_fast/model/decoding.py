@@ -83,10 +83,10 @@ def _prefill(model: Any, batch: Any) -> tuple[torch.Tensor, Any, torch.Tensor, t
         s0 = pkv.length if pkv is not None else 0
         cols = slice(s0, None)
         if L > s0:
-            embeds = model.embeds_of(batch, batch.input_ids[:, cols], batch.slot_item[:, cols],
-                                     batch.slot_abs[:, cols], batch.slot_rel[:, cols])
+            embeds = model.embed_inputs(batch.input_ids[:, cols], batch.slot_item[:, cols], batch.slot_abs[:, cols],
+                                        batch.slot_rel[:, cols], model.batch_item_tokens(batch))
             cache = pkv.cache(B) if pkv is not None else new_cache(model._decoder_config())
-            h = model.run_decoder(embeds, cache, position_ids=torch.arange(s0, L, device=dev)[None])
+            h = model.decode(embeds, cache, position_ids=torch.arange(s0, L, device=dev)[None])
             h = torch.cat([pkv.hidden.expand(B, -1, -1).to(h.dtype), h], 1) if pkv is not None else h
         else:  # prompts are the prefix only
             cache, h = pkv.cache(B), pkv.hidden.expand(B, -1, -1)
@@ -101,9 +101,9 @@ def _prefill(model: Any, batch: Any) -> tuple[torch.Tensor, Any, torch.Tensor, t
         ids = ids[:, P:].masked_fill(pad, 0)  # any valid id: masked from every query
         slot_item, slot_abs, slot_rel = (x[:, P:].masked_fill(pad, -1) for x in (slot_item, slot_abs, slot_rel))
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # HF's positions: 0 at each row's first real token
-    embeds = model.embeds_of(batch, ids, slot_item, slot_abs, slot_rel)
+    embeds = model.embed_inputs(ids, slot_item, slot_abs, slot_rel, model.batch_item_tokens(batch))
     cache = pkv.cache(B) if pkv is not None else new_cache(model._decoder_config())
-    h = model.run_decoder(embeds, cache, attention_mask=mask, position_ids=pos[:, s0:])
+    h = model.decode(embeds, cache, attention_mask=mask, position_ids=pos[:, s0:])
     return h[:, -1], cache, mask, pos[:, -1] + 1
 
 
@@ -166,7 +166,7 @@ def greedy_decode(model: Any, batch: Any, max_new_tokens: int, eos_id: int, pad_
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             embeds = model.embed(emitted.clamp(min=0))[:, None]
-            h = model.run_decoder(embeds, cache, attention_mask=mask, position_ids=(pos + s)[:, None])[:, -1]
+            h = model.decode(embeds, cache, attention_mask=mask, position_ids=(pos + s)[:, None])[:, -1]
     tokens = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=dev)
     if not constrained:
         return DecodeResult(tokens, n_dec)

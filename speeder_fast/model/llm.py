@@ -20,9 +20,11 @@ keys/values are computed once per model state and the decoder runs only on the r
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -131,7 +133,11 @@ def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int =
     if cfg.precision == "nf4":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if device.type != "cuda":
+            log.info("model.precision=nf4 on %s: bitsandbytes' own CPU 4-bit kernels, fp32 compute (slow; QLoRA "
+                     "is meant for CUDA)", device.type)
+        with _peft_reads_deprecated_attribute():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
@@ -145,13 +151,23 @@ def load_llm(cfg: ModelConfig, device: torch.device, tokenizer: Any, seed: int =
         lcfg = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
         )
-        model = get_peft_model(model, lcfg)
+        with _peft_reads_deprecated_attribute():
+            model = get_peft_model(model, lcfg)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     # after LoRA / quantisation: liger binds fused forwards onto the existing module instances
     model.speeder_liger = apply_liger(model, cfg.liger, device=device, logger=log)
     model.speeder_attn_impl = impl
     return model
+
+
+@contextlib.contextmanager
+def _peft_reads_deprecated_attribute() -> Iterator[None]:
+    """peft (<= 0.21) reads ``PreTrainedModel.is_gradient_checkpointing``, which transformers 5 deprecated
+    with a FutureWarning on every model load; ignore exactly that warning around peft's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def base_model(llm: nn.Module) -> nn.Module:
@@ -331,15 +347,30 @@ class SpeederRecModel(nn.Module):
         """True when a decoder layer runs under gradient checkpointing (transformers then drops caches)."""
         return any(getattr(m, "gradient_checkpointing", False) for m in self.decoder.modules())
 
-    def run_decoder(self, embeds: torch.Tensor, cache: Any = None, **kw: Any) -> torch.Tensor:
-        """Decoder last hidden states of ``embeds`` (``cache``: a transformers cache to read and extend)."""
+    def decode(self, embeds: torch.Tensor, cache: Any = None, **decoder_kwargs: Any) -> torch.Tensor:
+        """The decoder's last hidden states (after the final norm) for ``embeds``; ``cache``: a
+        transformers cache to read and extend (the prefix KV cache, decoding steps), else
+        ``use_cache=False``."""
         if cache is not None:
-            kw[self._cache_kw] = cache
-            kw["use_cache"] = True
+            decoder_kwargs[self._cache_kw] = cache
+            decoder_kwargs["use_cache"] = True
         else:
-            kw.setdefault("use_cache", False)
-        out = self.decoder(inputs_embeds=embeds, **kw)
+            decoder_kwargs.setdefault("use_cache", False)
+        out = self.decoder(inputs_embeds=embeds, **decoder_kwargs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def decode_after_prefix(self, embeds: torch.Tensor, pkv: PrefixKV) -> torch.Tensor:
+        """``[B, P + L, H]``: the hidden states of a right-padded batch whose rows all start with
+        ``pkv``'s prefix, given the embeddings ``[B, L, H]`` of the columns after it (positions
+        ``P..P+L-1``); the prefix rows are ``pkv.hidden``."""
+        B, L = embeds.shape[:2]
+        P = pkv.length
+        hp = pkv.hidden.expand(B, -1, -1)
+        if L == 0:
+            return hp
+        pos = torch.arange(P, P + L, device=embeds.device)[None]
+        h = self.decode(embeds, pkv.cache(B), position_ids=pos)
+        return torch.cat([hp.to(h.dtype), h], 1)
 
     # ------------------------------------------------------------------ inputs and hidden states
     def item_tokens(self, batch: PromptBatch) -> torch.Tensor:
@@ -349,12 +380,19 @@ class SpeederRecModel(nn.Module):
             return self.mome.encode(batch.unique_items)
         return self.mome.encode_catalog()[batch.unique_items]
 
+    def embed_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                     slot_rel: torch.Tensor, item_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings ``[..., H]`` of ``input_ids`` (any layout: ``[B, L]`` padded or ``[1, T]``
+        packed): the token embeddings, with ``item_tokens.view(-1, H)[slot_item]`` (+ SPAE cues) spliced
+        at the item slots; plain token embeddings when ``item_tokens`` is None."""
+        if item_tokens is None:
+            return F.embedding(input_ids, self.embed.weight)
+        return self.splice(input_ids, slot_item, slot_abs, slot_rel, item_tokens)
+
     def input_embeds(self, batch: PromptBatch) -> torch.Tensor:
-        """Input embeddings [B, L, H]: token embeddings, item tokens (+ SPAE cues) at slots."""
-        table = self.embed.weight
-        if self.mome is None or batch.unique_items.numel() == 0:  # shape check only, no device sync
-            return F.embedding(batch.input_ids, table)
-        return self.splice(batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, self.item_tokens(batch))
+        """Input embeddings [B, L, H] of the padded batch: token embeddings, item tokens (+ SPAE cues) at slots."""
+        return self.embed_inputs(batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel,
+                                 self.batch_item_tokens(batch))
 
     def splice(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                slot_rel: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
@@ -363,42 +401,23 @@ class SpeederRecModel(nn.Module):
         pos = self.positions if self.positions is not None else self._no_cues
         return pos.splice(input_ids, self.embed.weight, slot_item, slot_abs, slot_rel, item_tokens)
 
-    def _embeds_packed(self, batch: PromptBatch) -> torch.Tensor:
-        """Input embeddings [1, T, H] of the packed row (splice run on packed ids/slots, no padding)."""
-        pb = batch.packed
-        assert pb is not None
-        table = self.embed.weight
-        if self.mome is None or batch.unique_items.numel() == 0:
-            return F.embedding(pb.input_ids, table)
-        slot_item, slot_abs, slot_rel = pb.extras
-        return self.splice(pb.input_ids, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
+    def batch_item_tokens(self, batch: PromptBatch) -> torch.Tensor | None:
+        """:meth:`item_tokens` of the batch, or None when it has no item slot (no MoME, or text-only)."""
+        if self.mome is None or batch.unique_items.numel() == 0:  # shape check only, no device sync
+            return None
+        return self.item_tokens(batch)
 
     def uses_packing(self, batch: PromptBatch) -> bool:
         """True when ``batch`` runs packed (packing on and the batch carries its packed form)."""
         return self.packing and batch.packed is not None
 
-    def embeds_of(self, batch: PromptBatch, input_ids: torch.Tensor, slot_item: torch.Tensor,
-                  slot_abs: torch.Tensor, slot_rel: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of any slice of ``batch``'s ids / slot arrays (slots address
-        ``batch.unique_items``)."""
-        if self.mome is None or batch.unique_items.numel() == 0:
-            return F.embedding(input_ids, self.embed.weight)
-        return self.splice(input_ids, slot_item, slot_abs, slot_rel, self.item_tokens(batch))
-
     def _hidden_padded_prefix(self, batch: PromptBatch, pkv: PrefixKV) -> torch.Tensor:
         """``[B, L, H]`` of a right-padded batch whose rows start with ``pkv``'s prefix: the decoder
-        runs on columns ``P..L-1`` only (positions ``P..``), the prefix rows are ``pkv.hidden``."""
-        P = pkv.length
-        B, L = batch.input_ids.shape
-        hp = pkv.hidden.expand(B, -1, -1)
-        if L == P:
-            return hp
-        cols = slice(P, None)
-        embeds = self.embeds_of(batch, batch.input_ids[:, cols], batch.slot_item[:, cols], batch.slot_abs[:, cols],
-                                batch.slot_rel[:, cols])
-        pos = torch.arange(P, L, device=embeds.device)[None]
-        h = self.run_decoder(embeds, pkv.cache(B), position_ids=pos)
-        return torch.cat([hp.to(h.dtype), h], 1)
+        runs on columns ``P..L-1`` only (:meth:`decode_after_prefix`)."""
+        cols = slice(pkv.length, None)
+        embeds = self.embed_inputs(batch.input_ids[:, cols], batch.slot_item[:, cols], batch.slot_abs[:, cols],
+                                   batch.slot_rel[:, cols], self.batch_item_tokens(batch))
+        return self.decode_after_prefix(embeds, pkv)
 
     def _hidden_packed_prefix(self, batch: PromptBatch, pkv: PrefixKV) -> torch.Tensor:
         """``[1, T, H]`` of a packed batch whose examples start with ``pkv``'s prefix: the decoder
@@ -412,13 +431,26 @@ class SpeederRecModel(nn.Module):
         if T == B * P:
             return hp.unsqueeze(0)
         slot_item, slot_abs, slot_rel = (e.index_select(1, src) for e in pb.extras)
-        embeds = self.embeds_of(batch, pb.input_ids.index_select(1, src), slot_item, slot_abs, slot_rel)
+        embeds = self.embed_inputs(pb.input_ids.index_select(1, src), slot_item, slot_abs, slot_rel,
+                                   self.batch_item_tokens(batch))
         cu_k = cu_q + P * torch.arange(B + 1, device=cu_q.device, dtype=cu_q.dtype)
-        h = self.run_decoder(embeds, pkv.cache(1), position_ids=pb.position_ids.index_select(1, src),
-                             cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=pb.max_seqlen - P,
-                             max_length_k=pb.max_seqlen)[0]
+        h = self.decode(embeds, pkv.cache(1), position_ids=pb.position_ids.index_select(1, src),
+                        cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=pb.max_seqlen - P,
+                        max_length_k=pb.max_seqlen)[0]
         full = h.new_zeros(T, h.shape[-1]).index_copy(0, prefix_rows, hp.to(h.dtype)).index_copy(0, src, h)
         return full.unsqueeze(0)
+
+    def _inputs(self, batch: PromptBatch) -> tuple[tuple[Any, ...], dict]:
+        """``((input_ids, slot_item, slot_abs, slot_rel, item_tokens), decoder kwargs)`` of ``batch`` in the
+        layout it runs in: the packed row (+ :meth:`PackedBatch.model_kwargs`), or the padded batch (a
+        padding mask only when it is left-padded: under a plain causal mask real tokens of a
+        right-padded row never see its padding, and only real positions are read)."""
+        items = self.batch_item_tokens(batch)
+        if self.uses_packing(batch):
+            pb = batch.packed
+            return (pb.input_ids, *pb.extras, items), pb.model_kwargs()
+        mask = None if batch.right_padded else batch.attention_mask
+        return (batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, items), {"attention_mask": mask}
 
     def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
         """Decoder last hidden states (after the final norm).
@@ -436,16 +468,8 @@ class SpeederRecModel(nn.Module):
         pkv = self.prefix_for(batch, packed)
         if pkv is not None:
             return self._hidden_packed_prefix(batch, pkv) if packed else self._hidden_padded_prefix(batch, pkv)
-        if packed:
-            embeds = self._embeds_packed(batch)
-            out = self.decoder(inputs_embeds=embeds, use_cache=False, **batch.packed.model_kwargs())
-        else:
-            embeds = self.input_embeds(batch)
-            # right padding: real tokens never see padding under a plain causal mask, and only real
-            # positions are read (answer / loss rows), so no padding mask is needed
-            mask = None if batch.right_padded else batch.attention_mask
-            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        inputs, kw = self._inputs(batch)
+        return self.decode(self.embed_inputs(*inputs), **kw)
 
     def flat_rows(self, batch: PromptBatch, padded_flat: torch.Tensor, packed: bool) -> torch.Tensor:
         """Map flat padded indices ``b * L + p`` to rows of ``hidden.reshape(-1, H)`` (device gather)."""
@@ -523,8 +547,21 @@ class SpeederRecModel(nn.Module):
         from the cached catalogue (:meth:`MoME.encode_catalog`, computed once).
         """
         h = self.hidden_states(batch)
-        last = h.reshape(-1, h.shape[-1]).index_select(0, self.answer_rows(batch, self.uses_packing(batch)))
-        return self.answer_scores(last, batch.label_token_ids)
+        rows = self.answer_rows(batch, self.uses_packing(batch))
+        return self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), batch.label_token_ids)
+
+    def score_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                     slot_rel: torch.Tensor, item_tokens: torch.Tensor | None, rows: torch.Tensor,
+                     label_token_ids: torch.Tensor, item_keys: torch.Tensor | None = None,
+                     prefix: PrefixKV | None = None) -> torch.Tensor:
+        """The scoring path of a right-padded batch on plain tensors (what
+        :class:`~speeder_fast.model.static.StaticScorer` compiles): :meth:`embed_inputs` ->
+        :meth:`decode` (or, with ``prefix``, :meth:`decode_after_prefix`: the inputs are then the columns
+        after the prefix) -> the hidden states at flat rows ``rows`` (int64 ``[B]`` of the full
+        ``[B, P + L]`` layout) -> :meth:`answer_scores`, fp32 (the same pieces as :meth:`score`)."""
+        embeds = self.embed_inputs(input_ids, slot_item, slot_abs, slot_rel, item_tokens)
+        h = self.decode(embeds) if prefix is None else self.decode_after_prefix(embeds, prefix)
+        return self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), label_token_ids, item_keys)
 
     def answer_scores(self, last: torch.Tensor, label_token_ids: torch.Tensor,
                       item_keys: torch.Tensor | None = None) -> torch.Tensor:

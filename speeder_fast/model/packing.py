@@ -1,4 +1,4 @@
-"""Padding-free packing of variable-length examples, and token-budget batching.
+"""Padding-free packing of variable-length examples.
 
 A padded batch ``[B, L]`` wastes compute on padding (prompts here vary by tens of tokens). Packing
 concatenates the real tokens of all examples into one row ``[1, T]`` (``T = sum(lengths)``) and
@@ -19,18 +19,13 @@ the example's first real token (for right padding that is the padded position to
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
-import numpy as np
 import torch
 
 __all__ = [
     "PackedBatch",
     "pack_padded",
-    "pack_sequences",
-    "token_budget_batches",
 ]
 
 
@@ -224,89 +219,3 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *extra: t
         extras=tuple(pk(e) for e in extra),
         padded_shape=(b, length),
     )
-
-
-def pack_sequences(seqs: Sequence[Sequence[int] | torch.Tensor], *extra: Sequence[Sequence[int] | torch.Tensor],
-                   dtype: torch.dtype = torch.long) -> PackedBatch:
-    """Pack a list of 1-D sequences directly (no padded intermediate in the caller).
-
-    ``extra`` lists must have one sequence per example, each as long as its ``seqs`` entry.
-    The padded layout recorded in the result is right padding to the longest sequence.
-    """
-    if len(seqs) == 0:
-        raise ValueError("pack_sequences: no sequences given")
-    lens = [len(s) for s in seqs]
-    for j, ex in enumerate(extra):
-        if len(ex) != len(seqs):
-            raise ValueError(f"pack_sequences: extra[{j}] has {len(ex)} sequences, expected {len(seqs)}")
-        for i, (s, n) in enumerate(zip(ex, lens)):
-            if len(s) != n:
-                raise ValueError(f"pack_sequences: extra[{j}][{i}] has length {len(s)}, expected {n}")
-    b, length = len(seqs), max(lens)
-
-    def pad(group: Sequence) -> torch.Tensor:
-        out = torch.zeros(b, length, dtype=dtype)
-        for i, s in enumerate(group):  # host-side collate, once per batch
-            if len(s):
-                out[i, : len(s)] = torch.as_tensor(s, dtype=dtype)
-        return out
-
-    mask = torch.arange(length).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-    return pack_padded(pad(seqs), mask, *(pad(e) for e in extra))
-
-
-def token_budget_batches(lengths: Sequence[int] | np.ndarray | torch.Tensor, max_tokens: int, shuffle: bool = True,
-                         seed: int = 0, *, padded: bool = False, max_examples: int | None = None,
-                         allow_oversize: bool = False) -> list[list[int]]:
-    """Group example indices into batches bounded by a token budget instead of an example count.
-
-    Greedy in (optionally shuffled) order: a batch is closed when adding the next example would
-    exceed ``max_tokens``. The cost of a batch is ``sum(lengths)`` (packed) or, with
-    ``padded=True``, ``len(batch) * max(lengths)`` (what a padded batch really computes).
-
-    Args:
-        lengths: token count of every example.
-        max_tokens: budget per batch (> 0).
-        shuffle: shuffle the example order first (reproducible with ``seed``); batch order follows.
-        seed: RNG seed for the shuffle.
-        padded: use the padded cost instead of the packed one.
-        max_examples: optional cap on examples per batch.
-        allow_oversize: an example longer than ``max_tokens`` gets a batch of its own instead of
-            raising.
-
-    Returns:
-        Batches as lists of example indices; every index appears in exactly one batch.
-    """
-    lens = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64).reshape(-1)
-    if max_tokens <= 0:
-        raise ValueError(f"token_budget_batches: max_tokens must be > 0, got {max_tokens}")
-    if max_examples is not None and max_examples <= 0:
-        raise ValueError(f"token_budget_batches: max_examples must be > 0, got {max_examples}")
-    if lens.size and lens.min() < 0:
-        raise ValueError(f"token_budget_batches: negative length at index {int(lens.argmin())}")
-    over = np.nonzero(lens > max_tokens)[0]
-    if over.size and not allow_oversize:
-        i = int(over[0])
-        raise ValueError(f"token_budget_batches: example {i} has {int(lens[i])} tokens > max_tokens={max_tokens} "
-                         f"({over.size} such examples; raise the budget or pass allow_oversize=True)")
-    order = list(range(lens.size))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_sum = 0
-    cur_max = 0
-    for i in order:  # host-side, once per epoch
-        n = int(lens[i])
-        new_sum, new_max = cur_sum + n, max(cur_max, n)
-        cost = (len(cur) + 1) * new_max if padded else new_sum
-        full = max_examples is not None and len(cur) >= max_examples
-        if cur and (cost > max_tokens or full):
-            batches.append(cur)
-            cur, cur_sum, cur_max = [], 0, 0
-            new_sum, new_max = n, n
-        cur.append(i)
-        cur_sum, cur_max = new_sum, new_max
-    if cur:
-        batches.append(cur)
-    return batches

@@ -37,15 +37,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speeder_fast.config import PromptConfig
+from speeder_fast.config import PARADIGMS, PromptConfig
 from speeder_fast.data.dataset import RecDataset
 from speeder_fast.utils import get_logger
 
-from .packing import PackedBatch, pack_padded
+from .packing import PackedBatch
 
 log = get_logger("speeder_fast.prompts")
 
-PARADIGMS = ("verbose", "titles", "speeder")
+__all__ = ["PARADIGMS", "PromptBatch", "PromptBuilder", "ordinal_word", "pack_numpy"]
 
 
 def ordinal_word(n: int) -> str:
@@ -103,16 +103,6 @@ class PromptBatch:
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v.to(device, non_blocking=True) if hasattr(v, "to") else v
-        return PromptBatch(**kw)
-
-    def with_packed(self) -> "PromptBatch":
-        """This batch with :attr:`packed` filled in (host tensors only: packing reads lengths)."""
-        if self.packed is not None:
-            return self
-        if self.attention_mask.device.type != "cpu":
-            raise RuntimeError("PromptBatch.with_packed: pack on the host before .to(device) (avoids a device sync)")
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        kw["packed"] = pack_padded(self.input_ids, self.attention_mask, self.slot_item, self.slot_abs, self.slot_rel)
         return PromptBatch(**kw)
 
     @property

@@ -11,8 +11,9 @@ replayed:
 * item slots address the cached catalogue (:meth:`MoME.encode_catalog`, cast once to the
   embedding dtype) instead of the batch's unique items, so no shape depends on the batch contents:
   ``row = unique_items[slot // k] * k + slot % k``, computed on the device (no host sync);
-* the forward (splice, decoder without a padding mask, the label rows of the LM head at the answer
-  position) is one function of fixed-shape tensors, compiled with
+* the forward is :meth:`SpeederRecModel.score_inputs`, the scoring path :meth:`SpeederRecModel.score`
+  runs too (splice, decoder without a padding mask, the label rows of the LM head or the item head
+  at the answer position), called on fixed-shape tensors and compiled with
   ``torch.compile(mode=..., dynamic=False)``; ``reduce-overhead`` records a CUDA graph per shape
   bucket and replays it (inputs are copied into the graph's static buffers; the output is cloned
   before the next replay overwrites it).
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from speeder_fast.config import COMPILE_MODES
 from speeder_fast.utils import get_logger
 
-from .prefix_cache import new_cache
+from .prefix_cache import PrefixKV
 
 log = get_logger(__name__)
 
@@ -102,6 +103,7 @@ class StaticScorer:
         self._catalog: torch.Tensor | None = None
         self.shapes_seen: set[tuple[int, int]] = set()
         self._keys_marked: torch.Tensor | None = None
+        self._prefix_ids: tuple[int, ...] = ()
         self._prefix_marked: Any = None
         fn: Callable[..., torch.Tensor] = self._forward
         if compile != "static":
@@ -139,29 +141,17 @@ class StaticScorer:
                  slot_rel: torch.Tensor, answer_pos: torch.Tensor, label_ids: torch.Tensor,
                  catalog: torch.Tensor | None, item_keys: torch.Tensor | None = None,
                  prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Scores of fixed-shape inputs. ``prefix`` = ``(keys, values, hidden)`` of the cached prefix
-        (``[1, Hkv, P, D]`` per layer, ``[1, P, H]``): the inputs are then the columns after it, and
-        ``answer_pos`` still counts from the prompt start."""
+        """Scores of fixed-shape inputs through :meth:`SpeederRecModel.score_inputs`. ``prefix`` =
+        ``(keys, values, hidden)`` of the cached prefix (``[1, Hkv, P, D]`` per layer, ``[1, P, H]``):
+        the inputs are then the columns after it, and ``answer_pos`` still counts from the prompt start."""
         m = self.model
-        if catalog is None:
-            embeds = F.embedding(input_ids, m.embed.weight)
-        else:
-            embeds = m.splice(input_ids, slot_item, slot_abs, slot_rel, catalog)
-        if prefix is None:
-            out = m.decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False)
-            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        else:
-            keys, values, hidden = prefix
-            Bs, P = input_ids.shape[0], hidden.shape[1]
-            cache = new_cache(m._decoder_config())
-            for i, (k, v) in enumerate(zip(keys, values)):
-                cache.update(k.expand(Bs, -1, -1, -1), v.expand(Bs, -1, -1, -1), i)
-            pos = torch.arange(P, P + input_ids.shape[1], device=input_ids.device)[None]
-            h = m.run_decoder(embeds, cache, position_ids=pos)
-            h = torch.cat([hidden.expand(Bs, -1, -1).to(h.dtype), h], 1)
-        Bs, Lb, H = h.shape
-        rows = torch.arange(Bs, device=h.device) * Lb + answer_pos
-        return m.answer_scores(h.reshape(-1, H).index_select(0, rows), label_ids, item_keys)
+        Bs, Lb = input_ids.shape
+        pkv = None
+        if prefix is not None:
+            pkv = PrefixKV(self._prefix_ids, prefix[0], prefix[1], prefix[2], m._decoder_config())
+            Lb += prefix[2].shape[1]
+        rows = torch.arange(Bs, device=input_ids.device) * Lb + answer_pos
+        return m.score_inputs(input_ids, slot_item, slot_abs, slot_rel, catalog, rows, label_ids, item_keys, pkv)
 
     def padded_inputs(self, batch: Any, start: int = 0, stop: int | None = None,
                       n_prefix: int = 0) -> tuple[torch.Tensor, ...]:
@@ -208,6 +198,7 @@ class StaticScorer:
                 torch._dynamo.mark_static_address(t)
             self._prefix_marked = pkv
         n_prefix = 0 if pkv is None else pkv.length
+        self._prefix_ids = () if pkv is None else pkv.ids
         outs = []
         for start in range(0, B, self.batch_size):
             inputs = self.padded_inputs(batch, start, start + self.batch_size, n_prefix)

@@ -8,7 +8,9 @@ A run folder holds::
     sasrec.safetensors             the collaborative encoder, when the collab modality was built
     metrics.jsonl                  training/eval log, one JSON object per line
     checkpoints/step-<8 digits>/ + aliases final, best, stage<i>   (speeder_fast.checkpoint format:
-                                   MANIFEST.json, trainable.safetensors, optimizer, rng, trainer_state.json)
+                                   MANIFEST.json, trainable.safetensors, optimizer, rng, trainer_state.json;
+                                   best and final also adapter/: the LoRA adapter in peft's format)
+    tensorboard/                   TensorBoard event files (train.report_to=tensorboard)
     FINISHED.json                  written when the run completed (``--resume`` then exits 0)
     eval_<split>_<mode>.json/.md   evaluation results
 
@@ -298,6 +300,36 @@ def write_run_files(run_dir: Path, comp: Components) -> None:
         "label_strings": comp.builder.label_strings,
         "label_token_ids": [int(i) for i in comp.builder.label_ids],
     })
+
+
+#: the LoRA adapter in peft's own format, inside the ``best`` and ``final`` checkpoints
+ADAPTER_DIR = "adapter"
+
+
+def export_adapter(model: Any, checkpoint_dir: Path) -> Path | None:
+    """Write the LoRA adapter of ``model.llm`` (a peft ``PeftModel``) with peft's own
+    ``save_pretrained`` to ``checkpoint_dir/adapter/``: ``adapter_config.json`` +
+    ``adapter_model.safetensors`` (+ peft's ``README.md``), loadable on the base model with
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.llm), path)``.
+
+    Only the LoRA part: MoME, SPAE and the next-item head stay in the run's own checkpoint
+    (``trainable.safetensors``). When the run added tokens to the tokenizer (candidate labels that are
+    not single tokens, ``tokenizer_additions.json``), peft also saves the resized embedding layers;
+    resize the base to the run's tokenizer (``resize_token_embeddings``) before loading then. Called
+    inside the checkpoint's temp folder (:class:`~speeder_fast.checkpoint.CheckpointManager`
+    ``export``), so the folder appears atomically with the checkpoint. Returns the folder, or None
+    when the model has no LoRA (``model.lora_r=0``).
+    """
+    llm = model.llm
+    if not hasattr(llm, "peft_config"):
+        return None
+    out = Path(checkpoint_dir) / ADAPTER_DIR
+    # the LoRA tensors given explicitly: peft would otherwise call the whole model's state_dict(), and
+    # bitsandbytes' 4-bit layers then undo their CPU weight packing, so this rank would compute the next
+    # steps differently from the others (and from a run that did not export)
+    lora = {n: p.detach() for n, p in llm.named_parameters() if "lora_" in n}
+    llm.save_pretrained(str(out), state_dict=lora)
+    return out
 
 
 def added_embedding_rows(comp: Components) -> dict[str, torch.Tensor]:
