@@ -12,7 +12,7 @@ from speeder_fast.model.prompts import PromptBuilder
 def _batch(k=2):
     tok = tiny.make_tokenizer()
     p = tiny.make_prepared(max_history=5)
-    b = PromptBuilder(tok, p.dataset, PromptConfig(paradigm="speeder"), 8, 5, n_item_tokens=k)
+    b = PromptBuilder(tok, p.dataset, PromptConfig(answer_mode="score", paradigm="speeder"), 8, 5, n_item_tokens=k)
     v = p.valid
     return b, b.build(v.histories[:4], v.lengths[:4], p.valid_candidates[:4], v.targets[:4]), len(tok)
 

@@ -9,7 +9,7 @@ from speeder_fast.model.prompts import PromptBuilder, ordinal_word
 
 
 def _build(tok, prepared, n=5, k=1, ordinal=False, **cfg):
-    b = PromptBuilder(tok, prepared.dataset, PromptConfig(**cfg), 8, 5, n_item_tokens=k, ordinal_text=ordinal)
+    b = PromptBuilder(tok, prepared.dataset, PromptConfig(**{"answer_mode": "score", **cfg}), 8, 5, n_item_tokens=k, ordinal_text=ordinal)
     v = prepared.valid
     return b, b.build(v.histories[:n], v.lengths[:n], prepared.valid_candidates[:n], v.targets[:n])
 
@@ -87,17 +87,17 @@ def test_ordinals_and_answers(tok, prepared):
 
 def test_labels_single_tokens_or_special_fallback(prepared):
     tok_letters = tiny.make_tokenizer(letters=True)
-    b = PromptBuilder(tok_letters, prepared.dataset, PromptConfig(), 8, 5)
+    b = PromptBuilder(tok_letters, prepared.dataset, PromptConfig(answer_mode="score"), 8, 5)
     assert b.added_tokens == [] and b.label_strings[:2] == [" A", " B"]
     tok_plain = tiny.make_tokenizer(letters=False, vocab_size=300)
-    b2 = PromptBuilder(tok_plain, prepared.dataset, PromptConfig(), 8, 5)
+    b2 = PromptBuilder(tok_plain, prepared.dataset, PromptConfig(answer_mode="score"), 8, 5)
     assert b2.added_tokens == [f"<|cand_{i}|>" for i in range(8)]
     assert all(len(tok_plain(s, add_special_tokens=False)["input_ids"]) == 1 for s in b2.label_strings)
     assert len(set(b2.label_ids.tolist())) == 8
 
 
 def test_target_must_be_in_candidates(tok, prepared):
-    b = PromptBuilder(tok, prepared.dataset, PromptConfig(), 8, 5)
+    b = PromptBuilder(tok, prepared.dataset, PromptConfig(answer_mode="score"), 8, 5)
     v = prepared.valid
     cands = prepared.valid_candidates[:2].copy()
     cands[0] = np.where(cands[0] == v.targets[0], (v.targets[0] + 1) % prepared.dataset.n_items, cands[0])
@@ -106,7 +106,7 @@ def test_target_must_be_in_candidates(tok, prepared):
 
 
 def test_text_only_curriculum_rows(tok, prepared):
-    b = PromptBuilder(tok, prepared.dataset, PromptConfig(paradigm="speeder"), 8, 5)
+    b = PromptBuilder(tok, prepared.dataset, PromptConfig(answer_mode="score", paradigm="speeder"), 8, 5)
     v = prepared.valid
     batch = b.build(v.histories[:4], v.lengths[:4], prepared.valid_candidates[:4], v.targets[:4],
                     text_only=np.array([True, False, True, False]))

@@ -41,6 +41,8 @@ def test_30_steps_fit_real_slice_beats_random(smollm2, tmp_path, monkeypatch):
     cfg.data.max_users = 40
     cfg.data.max_train_examples = 8
     cfg.features.modalities = ["text"]
+    cfg.prompt.answer_mode = "score"  # the label protocol (the default is the next-item head)
+    cfg.train.adapter_lr_scale = 1.0
     cfg.model.lora_dropout = 0.0
     cfg.train.batch_size = 8
     cfg.train.eval_max_examples = 8

@@ -173,7 +173,8 @@ def make_rec_model(llm_dir, paradigm: str = "speeder", mode: str = "score", k: i
 def train_config(llm_dir, out, run_name: str = "run"):
     """The settings every tiny training test shares: CPU, the tiny Llama in ``llm_dir`` with LoRA
     dropout 0, k = 2 soft tokens, expert hidden 32, 8 candidates, history <= 5, batch 4, runs
-    under ``out``. Tests set the rest (stages, evaluation, checkpoints) themselves."""
+    under ``out``, the label protocol (``prompt.answer_mode="score"``) with one learning rate
+    (``train.adapter_lr_scale=1``). Tests set the rest (stages, evaluation, checkpoints) themselves."""
     from speeder_fast.config import Config
 
     cfg = Config()
@@ -184,4 +185,8 @@ def train_config(llm_dir, out, run_name: str = "run"):
     cfg.model.expert_hidden = 32
     cfg.data.n_candidates, cfg.data.max_history = 8, 5
     cfg.train.batch_size = 4
+    # the label protocol and one learning rate, as these tests were written for (item-mode tests set
+    # prompt.answer_mode="item" themselves)
+    cfg.prompt.answer_mode = "score"
+    cfg.train.adapter_lr_scale = 1.0
     return cfg

@@ -200,8 +200,7 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     dataset instead of ``prepare(cfg.data)`` (tests, notebooks).
     """
     from speeder_fast.data import prepare
-    from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms, load_llm, load_tokenizer
-    from speeder_fast.model.item_head import ItemHead
+    from speeder_fast.model import PromptBuilder, load_llm, load_tokenizer
     from speeder_fast.utils import seed_everything
 
     seed_everything(cfg.seed)
@@ -220,9 +219,7 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     if added_tokens and not builder.added_tokens:
         builder.added_tokens = list(added_tokens)
     llm = load_llm(cfg.model, device, tok, seed=cfg.seed)
-    mome = positions = None
     info: dict = {}
-    mods: list[str] = []
     if uses_mome(cfg):
         if features is None:
             fcfg = cfg
@@ -235,18 +232,41 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
             raise ConfigError(f"prompt.paradigm={cfg.prompt.paradigm}: none of the modalities features.modalities="
                               f"{cfg.features.modalities} has features for dataset {prepared.dataset.name} (add one "
                               "it has, e.g. collab, or use paradigm titles/verbose)")
+    model, mods = build_model(cfg, llm, features or {}, prepared, device)
+    return Components(cfg, device, prepared, tok, builder, model, mods, info)
+
+
+def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, device: torch.device
+                ) -> tuple[Any, list[str]]:
+    """The :class:`~speeder_fast.model.SpeederRecModel` of ``cfg`` around ``llm`` (LoRA already on).
+
+    MoME over ``features`` (``{modality: (x [n_items, D] float, present [n_items] bool)}``) when
+    :func:`uses_mome`; SPAE for the speeder paradigm; the next-item head (popularity-initialised bias
+    with ``model.head_bias_init=popularity``) and its loss settings for ``answer_mode=item``. New
+    modules are seeded with ``cfg.seed`` and moved to ``device``. Shared by :func:`build_components`
+    and the benchmarks (``benchmarks/bench_paradigms.py``), so both run the same model.
+
+    Returns:
+        ``(model, modalities)``: the model and the modalities its MoME has (empty without one).
+    """
+    from speeder_fast.model import MoME, SPAE, SpeederRecModel, embedding_rms
+    from speeder_fast.model.item_head import ItemHead
+
+    mome = positions = head = None
+    mods: list[str] = []
+    mc = cfg.model
+    H = llm.get_input_embeddings().weight.shape[1]
+    if uses_mome(cfg):
         mods = list(features)
-        H = llm.get_input_embeddings().weight.shape[1]
         rms = embedding_rms(llm)
         torch.manual_seed(cfg.seed)
-        mome = MoME(features, H, cfg.model.n_item_tokens, cfg.model.expert_hidden, cfg.model.per_token_gate, rms,
-                    kernels_force=cfg.model.use_kernels)
+        mome = MoME(features, H, mc.n_item_tokens, mc.expert_hidden, mc.per_token_gate, rms,
+                    kernels_force=mc.use_kernels)
         if cfg.prompt.paradigm == "speeder":
-            positions = SPAE(H, cfg.model.max_positions, cfg.model.spae_absolute, cfg.model.spae_relative,
-                             init_std=0.1 * rms, kernels_force=cfg.model.use_kernels)
-    head = None
+            positions = SPAE(H, mc.max_positions, mc.spae_absolute, mc.spae_relative,
+                             init_std=0.1 * rms, kernels_force=mc.use_kernels)
+    item_mode = cfg.prompt.answer_mode == "item"
     if item_mode:
-        mc = cfg.model
         head = ItemHead(H, prepared.dataset.n_items, mc.head_similarity, mc.head_temperature, mc.head_projection,
                         mc.head_item_bias)
         if head.bias is not None and mc.head_bias_init == "popularity":
@@ -262,7 +282,7 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     for mod in (mome, positions, head):
         if mod is not None:
             mod.to(device)
-    return Components(cfg, device, prepared, tok, builder, model, mods, info)
+    return model, mods
 
 
 def uses_mome(cfg: Config) -> bool:
