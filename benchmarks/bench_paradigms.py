@@ -19,6 +19,20 @@ What one measurement is (the code a training run / an evaluation runs, nothing r
   ``eval.compile`` selects): static ``[B, 16-multiple]`` shapes, ``torch.compile`` with
   ``reduce-overhead`` on CUDA (CUDA graphs; compile + graph capture happen in the warm-up calls,
   which are not timed), eager static shapes on CPU (``info["compile"]`` says which).
+* item paradigms (``speeder-item``, ``titles-item``: ``prompt.answer_mode=item``, the recommended
+  path): ``train`` = the same ``train_step`` with the next-item loss (every history slot predicts the
+  next item, full softmax over the catalogue; records carry ``loss`` ``next-item``); ``score`` = the
+  same ``SpeederRecModel.score`` returning catalogue scores ``[B, n_items]`` -> history masked ->
+  top-10 (what ``speeder_fast.recommend`` and full-ranking evaluation compute). The model is built by
+  ``speeder_fast.training.run.build_model``, as in training (item head with popularity-initialised
+  bias; ``titles-item`` gets a text-only MoME for the head's item vectors).
+* ``recommend`` (item paradigms): ``speeder_fast.recommend.recommend`` -- what ``python -m
+  speeder_fast.recommend --users ...`` runs per batch of users: build -> score the whole catalogue ->
+  the user's own items excluded -> top-10 records with item ids, titles, scores and probabilities.
+* ``generate_constrained``: build left-padded -> ``SpeederRecModel.generate_constrained`` (the
+  evaluation default, ``eval.constrained``: greedy decoding masked to the candidates' title tokens,
+  each row stopped at its first unique prefix) -> candidate index; ``gen_new_tokens_mean`` = tokens
+  decoded per user.
 * ``generate``: build left-padded -> ``SpeederRecModel.generate`` (greedy, LLaRA protocol,
   ``max_new_tokens`` capped) -> ``match_generated`` against the candidate titles.
 
@@ -80,7 +94,19 @@ import bench_utils  # noqa: E402  (benchmarks/ is on sys.path)
 from bench_utils import PeakMemory, card_name, free_memory, has_weights  # noqa: E402,F401
 
 PARADIGMS = ("verbose", "titles", "speeder")
-PHASES = ("train", "score", "generate")
+#: the next-item head (``prompt.answer_mode=item``) over the same prompts: no candidates in the prompt,
+#: every history slot trained, the whole catalogue scored (train and score phases only)
+ITEM_PARADIGMS = ("speeder-item", "titles-item")
+PHASES = ("train", "score", "generate", "generate_constrained")
+
+
+def split_paradigm(name: str) -> tuple[str, str]:
+    """``(prompt.paradigm, prompt.answer_mode)`` of a benchmark paradigm name: ``speeder-item`` ->
+    ``("speeder", "item")``; the plain names use the LLaRA label protocol (``"score"``)."""
+    if name.endswith("-item"):
+        return name[: -len("-item")], "item"
+    return name, "score"
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "amazon-office"
 SASREC_EPOCHS = 2
 N_CANDIDATES = 20
@@ -360,30 +386,27 @@ class ParadigmRunner:
     """Prompt builder + SpeederRecModel (+ MoME/SPAE for speeder) over a shared LLM."""
 
     def __init__(self, env: "BenchEnv", spec: ModelSpec, paradigm: str) -> None:
-        from speeder_fast.config import Config, PromptConfig
-        from speeder_fast.model import MoME, PromptBuilder, SPAE, SpeederRecModel, embedding_rms
+        from speeder_fast.config import Config
+        from speeder_fast.model import PromptBuilder
+        from speeder_fast.training.run import build_model
 
         self.env, self.spec, self.paradigm = env, spec, paradigm
         tok, llm = env.tokenizer, env.llm
         self.device = env.device
+        base, mode = split_paradigm(paradigm)
+        self.item_mode = mode == "item"
         self.cfg = Config()
-        self.cfg.prompt.paradigm = paradigm
+        self.cfg.prompt.paradigm = base
+        self.cfg.prompt.answer_mode = mode
         self.cfg.features.modalities = list(env.features)
         n_cand = int(env.prepared.test_candidates.shape[1])  # the persisted candidates (20 for the real data)
-        self.builder = PromptBuilder(tok, env.prepared.dataset, PromptConfig(paradigm=paradigm), n_cand,
+        self.builder = PromptBuilder(tok, env.prepared.dataset, self.cfg.prompt, n_cand,
                                      BUILDER_HISTORY, self.cfg.model.n_item_tokens, self.cfg.model.spae_ordinal_text)
-        mome = positions = None
-        if paradigm == "speeder":
-            mc = self.cfg.model
-            H = llm.get_input_embeddings().weight.shape[1]
-            rms = embedding_rms(llm)
-            torch.manual_seed(SEED)
-            mome = MoME(env.features, H, mc.n_item_tokens, mc.expert_hidden, mc.per_token_gate, rms,
-                        kernels_force=mc.use_kernels).to(self.device)
-            positions = SPAE(H, mc.max_positions, mc.spae_absolute, mc.spae_relative, init_std=0.1 * rms,
-                             kernels_force=mc.use_kernels).to(self.device)
-        self.model = SpeederRecModel(llm, mome, positions)
-        self.modalities = list(env.features) if paradigm == "speeder" else []
+        # the training code's own model construction: MoME + SPAE (speeder), the item head (item mode;
+        # a text-only MoME for the text paradigms' head), nothing for the label-protocol text paradigms
+        feats = dict(env.features) if base == "speeder" else (
+            {"text": env.features["text"]} if self.item_mode else {})
+        self.model, self.modalities = build_model(self.cfg, llm, feats, env.prepared, self.device)
 
     # ---------------------------------------------------------------- batches
     def arrays(self, batch: int, history: int | None) -> tuple[np.ndarray, ...]:
@@ -398,7 +421,7 @@ class ParadigmRunner:
     def build(self, batch: int, history: int | None, phase: str) -> Any:
         hist, lens, cands, tgts = self.arrays(batch, history)
         return self.builder.build(hist, lens, cands, tgts, with_answer=phase == "train",
-                                  padding_side="left" if phase == "generate" else "right")
+                                  padding_side="left" if phase.startswith("generate") else "right")
 
     def check_fits(self, pb: Any) -> None:
         L = int(pb.input_ids.shape[1])
@@ -423,12 +446,12 @@ class ParadigmRunner:
         hist, lens, cands, tgts = self.arrays(B, case.history)
         phase = case.phase
         probe = builder.build(hist, lens, cands, tgts, with_answer=phase == "train",
-                              padding_side="left" if phase == "generate" else "right")
+                              padding_side="left" if phase.startswith("generate") else "right")
         self.check_fits(probe)
         t0 = time.perf_counter()
         for _ in range(3):
             builder.build(hist, lens, cands, tgts, with_answer=phase == "train",
-                          padding_side="left" if phase == "generate" else "right")
+                          padding_side="left" if phase.startswith("generate") else "right")
         build_ms = (time.perf_counter() - t0) / 3 * 1000
         info: dict[str, Any] = {
             "prompt_tokens_mean": round(float(probe.prompt_tokens.float().mean()), 1),
@@ -482,6 +505,44 @@ class ParadigmRunner:
 
             return fn, info
 
+        if phase == "recommend":
+            # python -m speeder_fast.recommend's own ranking loop: build -> score -> the user's items
+            # excluded -> top-10 records (item ids, titles, scores), here for B users per call
+            from speeder_fast.recommend import recommend
+            from speeder_fast.training.run import Components
+
+            if not self.item_mode:
+                raise CaseSkipped("the recommend case is measured for the next-item head (item paradigms)")
+            comp = Components(self.cfg, dev, self.env.prepared, self.env.tokenizer, builder, model, self.modalities)
+            ds = self.env.prepared.dataset
+            users = [(None, ds.user_ids[int(u)], int(u)) for u in self.env.prepared.test.users[user_rows(self.env.prepared, B)]]
+            info["ranked_items"] = int(ds.n_items)
+
+            def fn() -> Any:
+                with torch.no_grad():
+                    out = list(recommend(comp, users, top_k=10, split="test", candidates="catalogue",
+                                         batch_size=B, progress=False))
+                sync()
+                return out
+
+            return fn, info
+
+        if phase == "score" and self.item_mode:
+            hist_t = torch.as_tensor(np.where(hist >= 0, hist, 0)).to(dev)
+            hist_ok = torch.as_tensor(hist >= 0).to(dev)
+            info["ranked_items"] = int(self.env.prepared.dataset.n_items)
+
+            def fn() -> Any:
+                with torch.no_grad():
+                    batch = builder.build(hist, lens, None, None, with_answer=False)
+                    scores = model.score(batch.to(dev))  # [B, n_items], the full catalogue
+                    scores = scores.scatter(1, hist_t, torch.where(hist_ok, float("-inf"), scores.gather(1, hist_t)))
+                    pred = scores.topk(10, dim=1).indices.cpu()
+                sync()
+                return pred
+
+            return fn, info
+
         if phase == "score":
             def fn() -> Any:
                 with torch.no_grad():
@@ -495,6 +556,22 @@ class ParadigmRunner:
         max_new = int(case.max_new_tokens)
         info["max_new_tokens"] = max_new
         gen_lens: list[float] = []
+        if phase == "generate_constrained":
+            # the evaluation's default generate path (eval.constrained): decoding only inside the
+            # candidates' titles, each row stopped at its first unique prefix (no token cap applies)
+            seqs = torch.from_numpy(builder.answer_sequences(cands)).to(dev)
+            info["max_new_tokens"] = int(seqs.shape[-1])
+
+            def fn() -> Any:
+                batch = builder.build(hist, lens, cands, None, with_answer=False, padding_side="left")
+                res = model.generate_constrained(batch.to(dev), seqs, builder.eos_id, builder.pad_id)
+                gen_lens.append(float(res.n_decoded.float().mean()))
+                pred = res.choice.cpu()
+                sync()
+                return pred
+
+            info["_gen_lens"] = gen_lens
+            return fn, info
 
         def fn() -> Any:
             batch = builder.build(hist, lens, cands, None, with_answer=False, padding_side="left")
@@ -584,8 +661,9 @@ class BenchEnv:
 
         if self.tokenizer is None:
             raise RuntimeError("no model loaded (call use() first)")
+        base, mode = split_paradigm(paradigm)
         b = self.runners[paradigm].builder if paradigm in self.runners else PromptBuilder(
-            self.tokenizer, self.prepared.dataset, PromptConfig(paradigm=paradigm),
+            self.tokenizer, self.prepared.dataset, PromptConfig(paradigm=base, answer_mode=mode),
             int(self.prepared.test_candidates.shape[1]), BUILDER_HISTORY)
         te, n = self.prepared.test, len(self.prepared.test)
         toks = []
@@ -717,51 +795,57 @@ def plan_cases(device: torch.device | None = None, smoke: bool | None = None) ->
         m = spec.key
         if smoke:
             for ph in PHASES:
-                for p in PARADIGMS:
+                for p in PARADIGMS + (ITEM_PARADIGMS if not ph.startswith("generate") else ()):
                     out.append((spec, Case(m, ph, p, 2, rounds=1, warmup=0, max_new_tokens=4)))
             for h in LONG_HISTORIES:
-                for p in ("speeder", "verbose"):
+                for p in ("speeder", "speeder-item", "verbose"):
                     out.append((spec, Case(m, "score", p, 1, history=h, rounds=1, warmup=0)))
             out.append((spec, Case(m, "score_compiled", "speeder", 2, rounds=1, warmup=1)))
+            out.append((spec, Case(m, "recommend", "speeder-item", 2, rounds=1, warmup=0)))
             continue
         if spec.key == "smollm2-135m" and not cuda:
             # 2 shared CPU cores: small batches, few rounds (see benchmarks/RESULTS.md)
-            for p in PARADIGMS:
-                out.append((spec, Case(m, "train", p, 2, rounds=3 if p == "speeder" else 2, warmup=1)))
-            for p in PARADIGMS:
+            for p in PARADIGMS + ITEM_PARADIGMS:
+                out.append((spec, Case(m, "train", p, 2, rounds=3 if p.startswith("speeder") else 2, warmup=1)))
+            for p in PARADIGMS + ITEM_PARADIGMS:
                 out.append((spec, Case(m, "score", p, 1, rounds=3, warmup=1)))
+            out.append((spec, Case(m, "recommend", "speeder-item", 16, rounds=3, warmup=1)))
+            for p in PARADIGMS:
+                out.append((spec, Case(m, "generate_constrained", p, 1, rounds=2, warmup=1)))
             for p in PARADIGMS:
                 out.append((spec, Case(m, "generate", p, 1, rounds=2, warmup=1, max_new_tokens=16)))
             for h in LONG_HISTORIES:
-                for p in ("speeder", "verbose"):
+                for p in ("speeder", "speeder-item", "verbose"):
                     slow = p == "verbose" and h > MAX_HISTORY  # ~6000 tokens: ~20 s per forward
                     out.append((spec, Case(m, "score", p, 1, history=h, rounds=1 if slow else 2, warmup=1)))
             continue
         if spec.key == "smollm2-135m":
             for B in (16, 64):
-                for p in PARADIGMS:
+                for p in PARADIGMS + ITEM_PARADIGMS:
                     out.append((spec, Case(m, "train", p, B, rounds=5, warmup=2)))
             for B in (1, 64):
-                for p in PARADIGMS:
+                for p in PARADIGMS + ITEM_PARADIGMS:
                     out.append((spec, Case(m, "score", p, B, rounds=10 if B == 1 else 5, warmup=2)))
             # static shapes + CUDA graphs (eval.compile=reduce-overhead); 3 warm-up calls: compile,
             # cudagraph warm-up run, graph capture; then replays are timed
             # (speeder only: each compile of the 30-layer model costs tens of seconds of the budget)
             for B in (1, 64):
                 out.append((spec, Case(m, "score_compiled", "speeder", B, rounds=10 if B == 1 else 5, warmup=3)))
+            out.append((spec, Case(m, "recommend", "speeder-item", 64, rounds=5, warmup=2)))
             for B in (1, 64):
                 for p in PARADIGMS:
+                    out.append((spec, Case(m, "generate_constrained", p, B, rounds=3, warmup=1)))
                     out.append((spec, Case(m, "generate", p, B, rounds=3, warmup=1, max_new_tokens=32)))
             for h in LONG_HISTORIES:
-                for p in ("speeder", "verbose"):
+                for p in ("speeder", "speeder-item", "verbose"):
                     out.append((spec, Case(m, "train", p, 16, history=h, rounds=3, warmup=1)))
                     out.append((spec, Case(m, "score", p, 16, history=h, rounds=3, warmup=1)))
             continue
         # 7B NF4 (CUDA only; on CPU the cases are collected and skipped with the reason)
-        for p in PARADIGMS:
+        for p in PARADIGMS + ("speeder-item",):
             out.append((spec, Case(m, "train", p, 16, rounds=3, warmup=1)))
         for B in (1, 16):
-            for p in PARADIGMS:
+            for p in PARADIGMS + ("speeder-item",):
                 out.append((spec, Case(m, "score", p, B, rounds=3, warmup=1)))
         for p in PARADIGMS:
             out.append((spec, Case(m, "generate", p, 16, rounds=2, warmup=1, max_new_tokens=16)))
@@ -771,7 +855,7 @@ def plan_cases(device: torch.device | None = None, smoke: bool | None = None) ->
     if cuda and not smoke:
         # largest batch that fits: last, so that a tight time budget drops these first
         small = next(s for s in specs if s.key == "smollm2-135m")
-        for p in PARADIGMS:
+        for p in PARADIGMS + ("speeder-item",):
             out.append((small, Case(small.key, "train", p, "max", rounds=2, warmup=1)))
     return out
 

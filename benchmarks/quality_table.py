@@ -4,15 +4,17 @@
     python benchmarks/quality_table.py --dataset amazon-office --out runs/quality/office
 
 Every row is one ``python -m speeder_fast.train`` run (a subprocess, so each row gets a fresh
-process and its own wall time) with the dataset's shared settings plus the row's own ``--set``
-overrides; it trains, evaluates the test split on the same seeded users (``eval.max_examples``) and
+process and its own wall time) with the dataset's preset (``ml-100k``: ``quick``, i.e. the default
+run) and shared settings plus the row's own ``--set`` overrides; it trains, evaluates the test split on the same seeded users (``eval.max_examples``) and
 the persisted candidates, and writes ``eval_test_<mode>.json`` into ``OUT/<row>/``. The reference
 rows (SASRec, popularity) come from the first run that has them (same users, same candidates). The
 table (``OUT/quality.md`` + ``quality.json``) lists: HR@1 on the persisted candidates, full-catalogue
 HR@10 / NDCG@10 (history excluded), steps x batch, training / total wall time, tokens per prompt and
 the machine. Rows that already have a finished run in ``OUT`` are not run again (``--force`` reruns).
 
-Run nothing else heavy beside it: the wall times are only meaningful on a quiet machine.
+Run nothing else heavy beside it: the wall times are only meaningful on a quiet machine. To use
+both cores of a 2-core machine for the metrics, run two invocations with disjoint ``--rows`` and
+``OMP_NUM_THREADS=1``, then one with every row (finished rows are only read) to write the table.
 """
 
 from __future__ import annotations
@@ -35,48 +37,58 @@ def _stages(*stages: tuple[list[str], int]) -> str:
 
 
 LR = 1e-3
-#: the recipe shared by every dataset (one recipe: nothing here is tuned per dataset)
-RECIPE = ["prompt.answer_mode=item", "train.batch_size=16", "model.lora_dropout=0.0", "train.eval_every=100",
-          "train.eval_max_examples=200", "eval.max_examples=200", "features.sasrec_epochs=200"]
+#: settings every row shares on top of its dataset's preset (the quick preset's recipe for datasets
+#: that do not start from it); nothing here is tuned per dataset
+RECIPE = ["train.batch_size=16", "model.lora_dropout=0.0", "features.text_encoder=minilm", "eval.max_examples=200"]
 
-#: per dataset: the source, the shared settings and the step budget of the main rows
+#: per dataset: the source, the preset, the shared settings and the step budget of the main rows
 DATASETS: dict[str, dict] = {
-    "ml-100k": {"source": "ml-100k", "sets": ["data.max_users=300", "data.max_train_examples=0"], "steps": 300},
-    "ml-100k-large": {"source": "ml-100k", "sets": ["data.max_train_examples=0"], "steps": 600},
-    "amazon-office": {"source": OFFICE, "sets": ["data.max_train_examples=0"], "steps": 600},
+    # exactly the default run (``python -m speeder_fast.train``: the quick preset) and its variations
+    "ml-100k": {"source": "ml-100k", "preset": "quick", "sets": [], "steps": 150},
+    "ml-100k-large": {"source": "ml-100k", "preset": "none",
+                      "sets": ["data.max_train_examples=0", "features.sasrec_epochs=200", "train.eval_every=100",
+                               "train.eval_max_examples=200"], "steps": 600},
+    # one epoch of the 3,329 windows at batch 16 (past it the validation metrics fall)
+    "amazon-office": {"source": OFFICE, "preset": "none",
+                      "sets": ["data.max_train_examples=0", "features.sasrec_epochs=200", "train.eval_every=100",
+                               "train.eval_max_examples=200"], "steps": 209},
 }
 
 
 def rows_for(steps: int) -> dict[str, list[str]]:
-    """Row name -> ``--set`` overrides (on top of the dataset settings and :data:`RECIPE`)."""
+    """Row name -> ``--set`` overrides (on top of the dataset settings and :data:`RECIPE`).
+
+    ``speeder-item`` is the recipe (text + collab in one stage); the other rows change one thing.
+    """
     half = steps // 2
     speeder = ["prompt.paradigm=speeder"]
+    joint = _stages((["text", "collab"], steps),)
     return {
-        "speeder-item": speeder + [_stages((["text"], half), (["text", "collab"], steps - half))],
+        "speeder-item": speeder + [joint],
         "speeder-item-collab": speeder + ['features.modalities=["collab"]', _stages((["collab"], steps),)],
         "speeder-item-text": speeder + ['features.modalities=["text"]', _stages((["text"], steps),)],
-        "speeder-item-joint": speeder + [_stages((["text", "collab"], steps),)],
-        "speeder-item-collab-first": speeder + [_stages((["collab"], half), (["collab", "text"], steps - half))],
-        "speeder-item-no-spae": speeder + ["model.spae_absolute=false", "model.spae_relative=false",
-                                           _stages((["text"], half), (["text", "collab"], steps - half))],
-        "speeder-item-k2": speeder + ["model.n_item_tokens=2",
-                                      _stages((["text"], half), (["text", "collab"], steps - half))],
-        "speeder-item-h50": speeder + ["data.max_history=50",
-                                       _stages((["text"], half), (["text", "collab"], steps - half))],
+        "speeder-item-mpo": speeder + [_stages((["text"], half), (["text", "collab"], steps - half))],
+        "speeder-item-mpo-collab-first": speeder + [_stages((["collab"], half), (["collab", "text"], steps - half))],
+        "speeder-item-no-spae": speeder + ["model.spae_absolute=false", "model.spae_relative=false", joint],
+        "speeder-item-k2": speeder + ["model.n_item_tokens=2", joint],
+        "speeder-item-no-bias": speeder + ["model.head_item_bias=false", joint],
+        # a converged collaborative encoder (SASRec 200 epochs with early stopping): the reference rows
+        # of this run are the fair SASRec baseline for presets that train SASRec briefly
+        "speeder-item-sasrec200": speeder + ["features.sasrec_epochs=200", joint],
+        "speeder-item-h50": speeder + ["data.max_history=50", joint],
         "titles-item": ["prompt.paradigm=titles", _stages((["text"], steps),)],
+        "speeder-label": speeder + ["prompt.answer_mode=score", joint],
         "titles-label": ["prompt.paradigm=titles", "prompt.answer_mode=score", _stages((["text"], steps),)],
-        "speeder-label": speeder + ["prompt.answer_mode=score",
-                                    _stages((["text"], half), (["text", "collab"], steps - half))],
         "verbose-label": ["prompt.paradigm=verbose", "prompt.answer_mode=score", "train.batch_size=4",
                           _stages((["text"], max(1, steps // 4)),)],
     }
 
 
-def run_row(name: str, sets: list[str], source: str, out: Path, force: bool) -> dict:
+def run_row(name: str, sets: list[str], source: str, out: Path, force: bool, preset: str = "none") -> dict:
     """Train + evaluate one row in a subprocess; returns its record (reads the run's JSON files)."""
     run = out / name
     if force or not (run / "FINISHED.json").is_file():
-        cmd = [sys.executable, "-m", "speeder_fast.train", "--preset", "none", "--data", source, "--output-dir",
+        cmd = [sys.executable, "-m", "speeder_fast.train", "--preset", preset, "--data", source, "--output-dir",
                str(out), "--run-name", name, "--no-progress"] + [a for s in sets for a in ("--set", s)]
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.perf_counter()
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [run_row(n, RECIPE + ds["sets"] + rows[n] + args.sets, ds["source"], out, args.force) for n in names]
+    records = [run_row(n, RECIPE + ds["sets"] + rows[n] + args.sets, ds["source"], out, args.force, ds["preset"])
+               for n in names]
     import torch
 
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -189,6 +190,18 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
                    "recommendations": recs}
 
 
+def peak_memory(device: torch.device) -> str:
+    """The process's peak memory so far: CUDA ``max_memory_allocated`` or the CPU peak RSS (``ru_maxrss``)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB CUDA allocated"
+    try:
+        import resource
+
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS"
+    except ImportError:  # pragma: no cover - non-POSIX
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m speeder_fast.recommend", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run folder written by speeder_fast.train")
@@ -234,9 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             users: list[tuple[int | None, str, int]] = [(None, ds.user_ids[int(u)], int(u)) for u in rows]
         else:
             users = read_users(args.users, {u: i for i, u in enumerate(ds.user_ids)})
+        t0 = time.perf_counter()
         records = list(recommend(comp, users, args.top_k, args.split, mode, n_unseen, args.seed,
                                  args.batch_size or comp.cfg.eval.batch_size,
                                  compile_mode=args.compile or comp.cfg.eval.compile))
+        dt = time.perf_counter() - t0
+        log.info("ranked %s for %d users in %.1f s (%.1f users/s, batch %d, %d torch threads); peak memory %s",
+                 "the whole catalogue" if mode == "catalogue" else f"{mode} candidates", len(records), dt,
+                 len(records) / max(dt, 1e-9), args.batch_size or comp.cfg.eval.batch_size, torch.get_num_threads(),
+                 peak_memory(comp.device))
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         if args.out:
             atomic_write_text(args.out, text)

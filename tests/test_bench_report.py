@@ -87,6 +87,33 @@ def test_compute_ratios_pairs_and_bar_checks() -> None:
     assert not checks[("score", "64")]["passes"] and checks[("score", "64")]["bar"] == 4.0
 
 
+def test_compute_ratios_per_protocol() -> None:
+    """The next-item path is compared with the verbose label protocol (bars asserted) and with
+    titles-item (same protocol, reported); pairs say which speeder and which protocol."""
+    recs = synthetic_records()
+    recs += [_rec("speeder-item", "train", 16, 80.0, 30.0), _rec("titles-item", "train", 16, 20.0, 200.0),
+             _rec("speeder-item", "score", 64, 100.0, 30.0)]  # 2.5x verbose's 40/s: misses the 4x bar
+    out = report.compute_ratios(recs)
+    pairs = {(p["speeder"], p["phase"], str(p["batch"]), p["baseline"]): p for p in out["pairs"]}
+    assert pairs[("speeder-item", "train", "16", "verbose")]["speedup"] == pytest.approx(8.0)
+    assert pairs[("speeder-item", "train", "16", "verbose")]["protocol"] == "item vs label"
+    assert pairs[("speeder-item", "train", "16", "titles-item")]["speedup"] == pytest.approx(4.0)
+    assert pairs[("speeder-item", "train", "16", "titles-item")]["protocol"] == "item"
+    assert pairs[("speeder", "train", "16", "verbose")]["protocol"] == "label"
+    assert ("speeder-item", "train", "16", "titles") not in pairs  # protocols are not mixed at will
+    checks = {(c["speeder"], c["phase"], str(c["batch"])): c for c in out["bar_checks"]}
+    assert checks[("speeder-item", "train", "16")]["passes"]
+    assert not checks[("speeder-item", "score", "64")]["passes"]
+    assert all(c["baseline"] == "verbose" for c in out["bar_checks"])
+    # plain free-text generation is reported, not asserted; constrained generation (the default) is
+    recs += [_rec(p, ph, 64, sps, 100.0) for ph, sps in (("generate", 1.0), ("generate_constrained", 1.0))
+             for p in ("verbose", "speeder")]
+    out = report.compute_ratios(recs)
+    phases = {c["phase"] for c in out["bar_checks"]}
+    assert "generate_constrained" in phases and "generate" not in phases
+    assert any(p["phase"] == "generate" for p in out["pairs"])
+
+
 def test_compute_ratios_ignores_smoke_for_bars() -> None:
     recs = [dict(r, smoke=True) for r in synthetic_records()]
     out = report.compute_ratios(recs)
@@ -112,9 +139,9 @@ def test_report_markdown_and_plots(tmp_path: Path) -> None:
     # every record appears exactly once although it is in both files
     train_rows = [ln for ln in lines if ln.startswith("| smollm2-135m | bf16 | ") and "samples" not in ln]
     assert len([ln for ln in train_rows if " | 16 | " in ln]) == 3
-    assert "| smollm2-135m | cuda | train | 16 | real | verbose | 5.00x | 9.63x | >= 2.5x | **pass** |" in md
-    assert "| smollm2-135m | cuda | score | 64 | real | verbose | 3.00x | 9.63x | >= 4.0x | **FAIL** |" in md
-    assert "| smollm2-135m | cuda | score | 1 | real | verbose | 3.00x | 9.63x | - | reported |" in md
+    assert "| smollm2-135m | cuda | train | 16 | real | speeder | verbose | label | 5.00x | 9.63x | >= 2.5x | **pass** |" in md
+    assert "| smollm2-135m | cuda | score | 64 | real | speeder | verbose | label | 3.00x | 9.63x | >= 4.0x | **FAIL** |" in md
+    assert "| smollm2-135m | cuda | score | 1 | real | speeder | verbose | label | 3.00x | 9.63x | - | reported |" in md
     assert "max (512 vs 64)" in md
     assert "exceeds the model context (4096)" in md
     assert "| speeder | 3231 | 135.5 | 134 | 144 | 144 |" in md
@@ -246,7 +273,8 @@ def test_materialize_model_dir_random_weights(tiny_setup, tmp_path: Path) -> Non
         materialize_model_dir(tmp_path, tmp_path / "cache")
 
 
-@pytest.mark.parametrize("sub,extra", [("train", []), ("infer", ["--mode", "score"]),
+@pytest.mark.parametrize("sub,extra", [("train", ["--set", "prompt.answer_mode=score"]), ("train", []),
+                                       ("infer", ["--mode", "score"]),
                                        ("infer", ["--mode", "generate", "--max-new-tokens", "3"])])
 def test_profile_train_infer_cli(tiny_setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sub: str, extra: list) -> None:
     from speeder_fast import profile
@@ -267,8 +295,10 @@ def test_profile_train_infer_cli(tiny_setup, tmp_path: Path, monkeypatch: pytest
     n, toks = s["N_linear"], s["work"]["tokens"]
     if sub == "train":
         assert s["mode"] == "train" and s["flops"] >= 4 * n * toks and s["stage_modalities"] == ["text"]
-        # the training loop's step and loss (score mode: label cross-entropy over the 6 candidate labels)
-        assert s["loss"] == "label" and s["head_width"] == 6 and s["work"]["answer_rows"] == 2 * 2  # 2 timed steps x 2 answers
+        if extra:  # the training loop's step and loss (score mode: label cross-entropy over the 6 candidate labels)
+            assert s["loss"] == "label" and s["head_width"] == 6 and s["work"]["answer_rows"] == 2 * 2  # 2 steps x 2
+        else:  # the default: the next-item loss over the catalogue at every history slot (>= 1 per example)
+            assert s["loss"] == "next-item" and s["head_width"] == 40 and s["work"]["answer_rows"] >= 2 * 2
     elif s["mode"] == "score":
         assert 2 * n * toks <= s["flops"] < 4 * n * toks
     else:
