@@ -152,7 +152,8 @@ def test_cli_help_config_and_presets(capsys):
     for key in ("data.source", "model.precision", "prompt.candidate_item", "train.stages", "eval.max_examples"):
         assert key in out
     cfg = resolve_config(build_parser().parse_args([]))
-    assert cfg.data.max_users == 300 and len(cfg.train.stages) == 2 and cfg.prompt.paradigm == "speeder"
+    assert cfg.data.max_users == 300 and cfg.prompt.paradigm == "speeder" and cfg.prompt.answer_mode == "item"
+    assert [st.modalities for st in cfg.train.stages] == [["text", "collab"]] and cfg.features.text_encoder == "minilm"
     cfg = resolve_config(build_parser().parse_args(["--preset", "none", "--paradigm", "titles", "--set", "train.batch_size=3"]))
     assert cfg.data.max_users == 0 and cfg.prompt.paradigm == "titles" and cfg.train.batch_size == 3
     assert main(["--set", "nope.x=1"]) == 2
