@@ -142,7 +142,9 @@ def build_queries(comp: Any, users: list[tuple[int | None, str, int]], split: st
 def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 5, split: str = "test",
               candidates: str | None = None, n_unseen: int = 0, seed: int = 0, batch_size: int = 16,
               progress: bool = True, compile_mode: str = "off") -> Iterator[dict]:
-    """Yield one recommendation record per user (see the module docstring for the fields).
+    """Yield one recommendation record per user, in the order of ``users`` (see the module docstring
+    for the fields). Users are scored in batches of ``batch_size`` sorted by history length (less
+    padding), with a tqdm progress bar unless ``progress`` is False.
 
     ``candidates``: ``catalogue`` | ``persisted`` | ``all-unseen`` (None: ``catalogue`` for item-mode
     runs, ``persisted`` otherwise). ``compile_mode`` (``eval.compile``): score on static shapes
@@ -164,30 +166,37 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
     model.eval()
     score_fn = score_function(model, compile_mode, comp.device, batch_size, comp.cfg.eval.length_multiple,
                               builder.pad_id)
+    # users in order of history length, so that a batch pads to similar lengths (the records still
+    # come out in the order of ``users``)
+    order = np.argsort(lens, kind="stable")
+    out: list[dict | None] = [None] * len(users)
     for s in tqdm(range(0, len(users), batch_size), desc="recommend", unit="batch", disable=not progress, leave=False):
-        sl = slice(s, s + batch_size)
-        batch = builder.build(hist[sl], lens[sl], None if cands is None else cands[sl], None, with_answer=False)
+        idx = order[s: s + batch_size]
+        batch = builder.build(hist[idx], lens[idx], None if cands is None else cands[idx], None, with_answer=False)
         scores = score_fn(batch.to(comp.device)).float().cpu()
         if builder.item_mode:
             if cands is None:  # the whole catalogue, the user's own items excluded
-                rows = np.repeat(np.arange(len(seen[sl])), [len(x) for x in seen[sl]])
-                scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(seen[sl]))] = float("-inf")
+                own = [seen[i] for i in idx]
+                rows = np.repeat(np.arange(len(idx)), [len(x) for x in own])
+                scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(own))] = float("-inf")
             else:
-                scores = scores.gather(1, torch.from_numpy(cands[sl]))
+                scores = scores.gather(1, torch.from_numpy(cands[idx]))
         probs = scores.softmax(1)
         top = scores.topk(top_k, dim=1)
-        for j, (no, uid, u) in enumerate(users[sl]):
+        for j, i in enumerate(idx):
+            no, uid, u = users[i]
             recs = []
             for rank, (v, c) in enumerate(zip(top.values[j].tolist(), top.indices[j].tolist()), 1):
                 if v == float("-inf"):  # an excluded (already interacted) item: the ranking ends here
                     break
-                item = int(c) if cands is None else int(cands[s + j, c])
+                item = int(c) if cands is None else int(cands[i, c])
                 recs.append({"rank": rank, "item": ds.item_ids[item], "title": builder.titles[item],
                              "score": round(float(v), 6), "prob": round(float(probs[j, c]), 6)})
-            h = hist[s + j, : lens[s + j]]
-            yield {"user": uid, "line": no,
-                   "history": [{"item": ds.item_ids[int(i)], "title": builder.titles[int(i)]} for i in h],
-                   "recommendations": recs}
+            h = hist[i, : lens[i]]
+            out[i] = {"user": uid, "line": no,
+                      "history": [{"item": ds.item_ids[int(t)], "title": builder.titles[int(t)]} for t in h],
+                      "recommendations": recs}
+    yield from out  # type: ignore[misc]
 
 
 def peak_memory(device: torch.device) -> str:
