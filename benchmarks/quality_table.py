@@ -117,23 +117,23 @@ def _f(v: object) -> str:
 
 def table(records: list[dict], machine: str) -> str:
     head = ("| row | n | HR@1 (20 cand.) | NDCG@10 (20 cand.) | full HR@10 | full NDCG@10 | steps x batch | "
-            "train s | wall s | tokens/prompt |")
-    lines = [head, "|" + "---|" * 10]
+            "train s | wall s | torch threads | tokens/prompt |")
+    lines = [head, "|" + "---|" * 11]
     ref = next((r for r in records if r.get("sasrec")), None)
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['row']} | error: {r['error']} |" + " |" * 9)
             continue
         m = r["result"]
         lines.append(f"| {r['row']} | {m['n']} | {_f(m.get('HR@1'))} | {_f(m.get('NDCG@10'))} | "
                      f"{_f(m.get('full_HR@10'))} | {_f(m.get('full_NDCG@10'))} | {r['steps']} x {r['batch']} | "
                      f"{r['train_s']:.0f} | {_f(round(r['wall_s'])) if r.get('wall_s') else 'n/a'} | "
-                     f"{m.get('prompt_tokens_mean', 0):.1f} |")
+                     f"{_f(r.get('threads'))} | {m.get('prompt_tokens_mean', 0):.1f} |")
     if ref is not None:
         for key, label in (("sasrec", "SASRec (collab encoder of the first row)"), ("popularity", "Popularity")):
             m = ref[key]
             lines.append(f"| {label} | {m['n']} | {_f(m.get('HR@1'))} | {_f(m.get('NDCG@10'))} | "
-                         f"{_f(m.get('full_HR@10'))} | {_f(m.get('full_NDCG@10'))} | - | - | - | - |")
+                         f"{_f(m.get('full_HR@10'))} | {_f(m.get('full_NDCG@10'))} | - | - | - | - | - |")
     return "\n".join(lines) + f"\n\nMachine: {machine}.\n"
 
 
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                for n in names]
     import torch
 
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{records[0].get('threads', '?')} torch threads, {platform.node()}")
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {platform.node()}"
     md = table(records, machine)
     (out / "quality.md").write_text(md)
     (out / "quality.json").write_text(json.dumps(records, indent=1, default=str))
