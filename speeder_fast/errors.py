@@ -33,6 +33,7 @@ This module imports torch lazily, so :mod:`speeder_fast.config` can use its clas
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any, Callable
 
@@ -116,13 +117,20 @@ def run_cli(body: Callable[[], int | None], config: Callable[[], Any] | None = N
         config: returns the resolved config (or None) for the out-of-memory advice.
 
     Returns:
-        ``body()``'s status; 2 after a :class:`SpeederError` (its ``exit_code``: 4 for
+        ``body()``'s status (0 when stdout's reader closed the pipe, as in ``... | head``); 2 after a :class:`SpeederError` (its ``exit_code``: 4 for
         :class:`NonFiniteLossError`) or a ``FileNotFoundError``; 3 after an out-of-memory error. The
         message is one ``error: ...`` line on stderr (``config error: ...`` for a config problem; the
         OOM advice spans a few lines), never a traceback. Other exceptions propagate (bugs).
     """
     try:
         return int(body() or 0)
+    except BrokenPipeError:  # the reader went away (``... | head``): not an error of ours
+        try:  # keep the interpreter's final flush of stdout from raising again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except SpeederError as e:
         print(f"{e.prefix}: {e}", file=sys.stderr)
         return int(e.exit_code)

@@ -10,9 +10,9 @@ Configuration is resolved in this order (later wins):
 4. ``--set a.b=c`` overrides (repeatable).
 
 With no arguments it runs the ``quick`` preset: SmolLM2-135M-Instruct (offline asset) on
-MovieLens-100K, paradigm ``speeder`` (text + collab, two MPO stages), score mode, on a documented
-subset sized to train AND evaluate within 10 minutes on 2 CPU cores (see ``PRESETS`` and
-docs/speeder.md). The resolved config is printed and saved as ``RUN/config.toml``; at the end the
+MovieLens-100K (300 users), paradigm ``speeder`` (MiniLM text + SASRec collab, one stage of 150
+steps x 16), the next-item head (``prompt.answer_mode=item``), sized to train AND evaluate within
+10 minutes on 2 CPU cores (see ``config.PRESETS`` and docs/speeder.md). The resolved config is printed and saved as ``RUN/config.toml``; at the end the
 metrics table and the run folder are printed.
 
 Production use (docs/production.md): ``torchrun --standalone --nproc_per_node=N -m
@@ -136,12 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     ``config error:``) line on stderr, no traceback.
     """
     args = build_parser().parse_args(argv)
-    if args.help_config:
-        for key, default, help_ in describe_fields():
-            print(f"{key} = {default}\n    {help_}")
-        return 0
-    from speeder_fast import distributed
     from speeder_fast.errors import run_cli
+
+    if args.help_config:
+        def show() -> int:
+            from speeder_fast.config import PRESETS
+
+            print("# config defaults (--preset none); the no-argument run applies --preset quick first: "
+                  + ", ".join(x for x in PRESETS["quick"] if not x.startswith("train.stages")) + ", one "
+                  "[text, collab] stage of 150 steps at lr 1e-3")
+            for key, default, help_ in describe_fields():
+                print(f"{key} = {default}\n    {help_}")
+            return 0
+
+        return run_cli(show)
+    from speeder_fast import distributed
 
     resolved: list[Config] = []
 

@@ -78,3 +78,17 @@ def test_finished_report_is_tables_not_a_dict(tmp_path, valid):
     assert "trained: 80 steps in 2311.6 s wall time (setup, validation and checkpoints included)" in out
     assert "training steps alone: 2689.1 s per epoch of 800 examples (validation excluded)" in out
     assert ("(eval_test_score.md)" in out) if valid is None else ("| valid | 8 | 0.2500 | 1.0000 |" in out)
+
+
+def test_help_config_into_a_closed_pipe():
+    """``python -m speeder_fast.train --help-config | head`` exits 0 without a traceback when the
+    reader closes the pipe first (BrokenPipeError is handled by ``errors.run_cli``)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "speeder_fast.train", "--help-config"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
