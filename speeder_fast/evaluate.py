@@ -469,11 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.run).is_dir():
             raise UsageError(f"--run {args.run}: run folder does not exist")
         onoff = {"on": True, "off": False, None: None}
-        _, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
+        result, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
                                 args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
                                 prefix_cache=onoff[args.prefix_cache])
         print(md)
-        print(f"written to {Path(args.run).resolve()}")
+        name = f"eval_{result['split']}_{result['mode']}"
+        print(f"checkpoint {args.checkpoint} evaluated on {result['n']} examples; {name}.json/.md written to "
+              f"{Path(args.run).resolve()} (replacing any earlier evaluation of that split and mode)")
         return 0
 
     return run_cli(body)  # one error: line; 2 bad input, 3 out of memory
