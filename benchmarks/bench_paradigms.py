@@ -528,15 +528,17 @@ class ParadigmRunner:
             return fn, info
 
         if phase == "score" and self.item_mode:
-            hist_t = torch.as_tensor(np.where(hist >= 0, hist, 0)).to(dev)
-            hist_ok = torch.as_tensor(hist >= 0).to(dev)
+            from speeder_fast.metrics import exclude_items
+
+            seen_rows, seen_cols = np.nonzero(hist >= 0)
+            seen_items = hist[seen_rows, seen_cols]
             info["ranked_items"] = int(self.env.prepared.dataset.n_items)
 
             def fn() -> Any:
                 with torch.no_grad():
                     batch = builder.build(hist, lens, None, None, with_answer=False)
                     scores = model.score(batch.to(dev))  # [B, n_items], the full catalogue
-                    scores = scores.scatter(1, hist_t, torch.where(hist_ok, float("-inf"), scores.gather(1, hist_t)))
+                    exclude_items(scores, seen_rows, seen_items)  # the user's own items, as recommend does
                     pred = scores.topk(10, dim=1).indices.cpu()
                 sync()
                 return pred

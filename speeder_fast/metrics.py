@@ -59,6 +59,19 @@ def rank_of_target(scores, target_idx, check: bool = True) -> torch.Tensor:
     return torch.where(torch.isnan(tgt[:, 0]), torch.full_like(rank, c - 1), rank)
 
 
+def exclude_items(scores: torch.Tensor, rows, items) -> torch.Tensor:
+    """Set ``scores[rows[j], items[j]] = -inf`` in place (RecBole's history masking) and return ``scores``.
+
+    Args:
+        scores: ``[n, n_items]`` float tensor, modified in place.
+        rows / items: ``[m]`` int pairs (tensors or arrays; any order, repeats allowed).
+    """
+    r = _as_tensor(rows, torch.long).to(scores.device)
+    i = _as_tensor(items, torch.long).to(scores.device)
+    scores.index_put_((r, i), torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+    return scores
+
+
 def full_ranks(scores, target_items, hist_rows, hist_items) -> torch.Tensor:
     """0-based ranks of each row's target among **all** items, the row's history items excluded.
 
@@ -77,10 +90,8 @@ def full_ranks(scores, target_items, hist_rows, hist_items) -> torch.Tensor:
     """
     s = _as_tensor(scores).float().clone()
     t = _as_tensor(target_items, torch.long).to(s.device)
-    r = _as_tensor(hist_rows, torch.long).to(s.device)
-    i = _as_tensor(hist_items, torch.long).to(s.device)
     tscore = s.gather(1, t[:, None])
-    s.index_put_((r, i), torch.tensor(float("-inf"), device=s.device))
+    exclude_items(s, hist_rows, hist_items)
     s.scatter_(1, t[:, None], tscore)  # the target is never excluded
     return rank_of_target(s, t, check=False)
 

@@ -153,6 +153,8 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
     """
     from tqdm.auto import tqdm
 
+    from speeder_fast.metrics import exclude_items
+
     model, builder, ds = comp.model, comp.builder, comp.prepared.dataset
     candidates = candidates or ("catalogue" if builder.item_mode else "persisted")
     if comp.cfg.prompt.answer_mode == "generate":
@@ -177,8 +179,7 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
         if builder.item_mode:
             if cands is None:  # the whole catalogue, the user's own items excluded
                 own = [seen[i] for i in idx]
-                rows = np.repeat(np.arange(len(idx)), [len(x) for x in own])
-                scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(own))] = float("-inf")
+                exclude_items(scores, np.repeat(np.arange(len(idx)), [len(x) for x in own]), np.concatenate(own))
             else:
                 scores = scores.gather(1, torch.from_numpy(cands[idx]))
         probs = scores.softmax(1)
