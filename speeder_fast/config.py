@@ -44,6 +44,8 @@ AUTO_ON_OFF = ("auto", "on", "off")
 #: ``model.head_similarity`` / ``model.head_bias_init`` values (answer_mode=item)
 HEAD_SIMILARITIES = ("cosine", "dot")
 HEAD_BIAS_INITS = ("zeros", "popularity")
+#: ``model.head_keys`` values (answer_mode=item; see :mod:`speeder_fast.model.item_head`)
+HEAD_KEYS = ("mixture", "experts")
 #: ``train.item_loss`` / ``train.item_sampling`` values (answer_mode=item)
 ITEM_LOSSES = ("auto", "full", "sampled")
 ITEM_SAMPLINGS = ("uniform", "popularity")
@@ -127,6 +129,8 @@ class ModelConfig:
     n_item_tokens: int = _f(1, "k: soft tokens per item (MRC)")
     expert_hidden: int = _f(256, "hidden size of each modality expert MLP")
     per_token_gate: bool = _f(False, "one gate per item token (k > 1) instead of one per item")
+    modality_dropout: float = _f(0.0, "training only: probability of dropping each present modality of an item "
+                                 "from the MoME mixture (ModDrop; an item never loses all of them); 0 = off")
     spae_absolute: bool = _f(True, "SPAE: add learned absolute history-position embeddings")
     spae_relative: bool = _f(True, "SPAE: add learned recency (distance from newest) embeddings")
     spae_ordinal_text: bool = _f(False, "SPAE: write textual ordinal markers ('1st', '2nd', ...) in the prompt")
@@ -137,6 +141,10 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward")
     head_similarity: str = _f("cosine", "answer_mode=item: cosine (query and item vectors L2-normalised, times a "
                               "learned inverse temperature) | dot")
+    head_keys: str = _f("experts", "answer_mode=item: what the head scores items against: experts (late fusion: "
+                        "each modality expert's own vector scored separately, the scores summed; with one "
+                        "modality this is the mixture) | mixture (the MRC tokens, the MoME output the prompt "
+                        "also uses)")
     head_temperature: float = _f(0.07, "answer_mode=item, cosine: initial temperature of the item logits (learned)")
     head_projection: bool = _f(True, "answer_mode=item: a learned H x H projection of the LLM hidden state before "
                                "scoring the items")
@@ -222,6 +230,9 @@ class TrainConfig:
                                       "(memory ~ positions x chunk, never positions x catalogue)")
     item_all_positions: bool = _f(True, "answer_mode=item: every history slot predicts the next item (SASRec "
                                         "objective); false = only the last position (one signal per window)")
+    item_modality_loss: float = _f(1.0, "answer_mode=item with model.head_keys=experts and >= 2 modalities: weight "
+                                        "of one extra softmax loss per modality on that modality's score alone, so "
+                                        "each modality must rank the catalogue by itself; 0 = off")
     score_loss: str = _f("labels", "score mode training loss: 'labels' = cross-entropy over the N candidate label "
                                    "logits (what score() ranks), 'vocab' = full-vocabulary cross-entropy on the label token")
 
@@ -406,6 +417,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+#: keys added after some run folders were written, with the value such a run was trained with: a
+#: run's ``config.toml`` lists every key of its time, so a missing one means "before it existed"
+RUN_KEYS_ADDED: dict[tuple[str, str], Any] = {
+    ("model", "head_keys"): "mixture",  # late fusion became the default on 2026-12-01
+    ("train", "item_modality_loss"): 0.0,
+    ("model", "modality_dropout"): 0.0,
+}
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config of a run folder's ``config.toml``: :func:`load_config`, except that a key in
+    :data:`RUN_KEYS_ADDED` the file lacks takes the value the run was trained with, not today's
+    default (so older runs reload with the head they were trained with).
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    raw = read_toml(path)
+    cfg = load_config(path)
+    for (section, key), value in RUN_KEYS_ADDED.items():
+        if key not in (raw.get(section) or {}):
+            setattr(getattr(cfg, section), key, value)
+    validate(cfg)
+    return cfg
+
+
 #: (key, choices) of every field with a fixed set of values, checked by :func:`validate`
 CHOICE_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("device", DEVICES),
@@ -417,6 +454,7 @@ CHOICE_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model.liger", AUTO_ON_OFF),
     ("model.head_similarity", HEAD_SIMILARITIES),
     ("model.head_bias_init", HEAD_BIAS_INITS),
+    ("model.head_keys", HEAD_KEYS),
     ("prompt.paradigm", PARADIGMS),
     ("prompt.answer_mode", ANSWER_MODES),
     ("train.packing", AUTO_ON_OFF),
@@ -510,6 +548,10 @@ def validate(cfg: Config) -> None:
         for m in st.modalities:
             if m not in MODALITIES:
                 errs.append(f"train.stages[{i}].modalities: unknown modality {m!r}")
+    if cfg.train.item_modality_loss < 0:
+        errs.append(f"train.item_modality_loss must be >= 0, got {cfg.train.item_modality_loss}")
+    if not 0.0 <= cfg.model.modality_dropout < 1.0:
+        errs.append(f"model.modality_dropout must be in [0, 1), got {cfg.model.modality_dropout}")
     if not cfg.model.head_temperature > 0:
         errs.append(f"model.head_temperature must be > 0, got {cfg.model.head_temperature}")
     for key in ("item_full_max", "item_negatives", "item_logit_chunk"):

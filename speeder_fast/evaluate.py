@@ -376,9 +376,16 @@ def format_buckets(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str, popularity: dict | None = None) -> str:
-    """Write ``eval_<split>_<mode>.json`` and ``.md``; return the markdown. ``sasrec`` and
-    ``popularity`` are the reference rows on the same candidates (None: n/a / left out)."""
+def report_stem(split: str, mode: str, tag: str = "") -> str:
+    """File stem of an evaluation report: ``eval_<split>_<mode>`` (the train CLI's own evaluation) or
+    ``eval_<split>_<mode>_<tag>`` (another checkpoint or subset, see :func:`evaluate_run`)."""
+    return f"eval_{split}_{mode}" + (f"_{tag}" if tag else "")
+
+
+def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str, popularity: dict | None = None,
+                 tag: str = "") -> str:
+    """Write ``<report_stem>.json`` and ``.md``; return the markdown. ``sasrec`` and ``popularity``
+    are the reference rows on the same candidates (None: n/a / left out)."""
     split, mode = result["split"], result["mode"]
     md = (
         f"## {label}: {split} split, {mode} mode, {result['n']} examples, {result['n_candidates']} candidates "
@@ -389,19 +396,34 @@ def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str, p
         + format_buckets(result)
         + "\n"
     )
-    atomic_write_json(Path(run_dir) / f"eval_{split}_{mode}.json", {"result": result, "sasrec": sasrec, "popularity": popularity})
-    atomic_write_text(Path(run_dir) / f"eval_{split}_{mode}.md", md)
+    stem = report_stem(split, mode, tag)
+    atomic_write_json(Path(run_dir) / f"{stem}.json", {"result": result, "sasrec": sasrec, "popularity": popularity})
+    atomic_write_text(Path(run_dir) / f"{stem}.md", md)
     return md
 
 
 # ---------------------------------------------------------------------------------- run level
+def run_checkpoint(run_dir: str | Path) -> str:
+    """The checkpoint the train CLI's own test evaluation scores: ``best`` when ``eval.checkpoint`` is
+    ``best`` and the run saved one, else ``final`` (also when the folder has no config: loading it
+    then raises the clear error)."""
+    from speeder_fast.config import load_run_config
+
+    cfg_path = Path(run_dir) / "config.toml"
+    if not cfg_path.is_file():
+        return "final"
+    cfg = load_run_config(cfg_path)
+    best = Path(run_dir) / "checkpoints" / "best"
+    return "best" if cfg.eval.checkpoint == "best" and best.is_dir() else "final"
+
+
 def evaluate_run(
     run_dir: str | Path,
     split: str | None = None,
     mode: str | None = None,
     max_examples: int | None = None,
     batch_size: int | None = None,
-    checkpoint: str = "final",
+    checkpoint: str | None = None,
     device: str | None = None,
     progress: bool = True,
     prepared: PreparedData | None = None,
@@ -410,9 +432,17 @@ def evaluate_run(
     prefix_cache: bool | None = None,
 ) -> tuple[dict, dict | None, str]:
     """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown).
-    ``constrained`` / ``prefix_cache``: override ``eval.constrained`` / ``eval.prefix_cache``."""
+    ``constrained`` / ``prefix_cache``: override ``eval.constrained`` / ``eval.prefix_cache``.
+
+    The report goes to ``eval_<split>_<mode>.json/.md`` when the checkpoint and the number of
+    examples are those of the train CLI's own evaluation (``eval.checkpoint``, ``eval.max_examples``),
+    so re-evaluating reproduces that file; any other checkpoint or subset gets its own file,
+    ``eval_<split>_<mode>_<checkpoint>_n<N>`` (``_all`` for every example; ``result["report"]`` holds
+    the stem), and never replaces the run's evaluation."""
     from speeder_fast.training.run import load_run
 
+    default_ckpt = run_checkpoint(run_dir)
+    checkpoint = checkpoint or default_ckpt
     comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared)
     cfg = comp.cfg
     if prefix_cache is not None:
@@ -427,19 +457,23 @@ def evaluate_run(
         constrained=cfg.eval.constrained if constrained is None else bool(constrained),
     )
     result["checkpoint"] = checkpoint
-    sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max)
+    own = (checkpoint == default_ckpt and n_max == cfg.eval.max_examples and split == cfg.eval.split
+           and mode == cfg.prompt.answer_mode)
+    tag = "" if own else f"{checkpoint}_n{n_max if n_max > 0 else 'all'}"
+    result["report"] = report_stem(split, mode, tag)
+    sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max, tag)
     return result, sas, md
 
 
-def report_with_references(run_dir: Path, cfg: Any, prepared: PreparedData, result: dict, max_examples: int
-                           ) -> tuple[dict | None, str]:
-    """SASRec and popularity rows on the result's split/examples, written with :func:`write_report`;
-    returns ``(sasrec, markdown)``."""
+def report_with_references(run_dir: Path, cfg: Any, prepared: PreparedData, result: dict, max_examples: int,
+                           tag: str = "") -> tuple[dict | None, str]:
+    """SASRec and popularity rows on the result's split/examples, written with :func:`write_report`
+    (file stem :func:`report_stem` with ``tag``); returns ``(sasrec, markdown)``."""
     split = result["split"]
     sas = sasrec_reference(Path(run_dir), prepared, split, max_examples, seed=cfg.seed)
     pop = popularity_reference(prepared, split, max_examples, seed=cfg.seed)
     label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
-    return sas, write_report(Path(run_dir), result, sas, label, pop)
+    return sas, write_report(Path(run_dir), result, sas, label, pop, tag)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: prompt.answer_mode of the run (item runs evaluate in item mode only)")
     ap.add_argument("--max-examples", type=int, default=None, help="0 = all (default: eval.max_examples of the run)")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--checkpoint", default="final", help="checkpoint folder name under RUN/checkpoints (final, best, stage1, ...)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="checkpoint folder name under RUN/checkpoints (final, best, stage1, ...); default: "
+                         "eval.checkpoint of the run (best unless set), the one its own test evaluation scored")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's device setting)")
     ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
                     help="score mode on static shapes, compiled (reduce-overhead = CUDA graphs); "
@@ -473,9 +509,9 @@ def main(argv: list[str] | None = None) -> int:
                                 args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
                                 prefix_cache=onoff[args.prefix_cache])
         print(md)
-        name = f"eval_{result['split']}_{result['mode']}"
+        name = result["report"]
         print(f"checkpoint {args.checkpoint} evaluated on {result['n']} examples; {name}.json/.md written to "
-              f"{Path(args.run).resolve()} (replacing any earlier evaluation of that split and mode)")
+              f"{Path(args.run).resolve()}")
         return 0
 
     return run_cli(body)  # one error: line; 2 bad input, 3 out of memory

@@ -2,7 +2,7 @@
 
     python -m speeder_fast.recommend --run runs/DIR --users users.txt [--top-k 5] [--split test]
                                      [--candidates catalogue | persisted | all-unseen N] [--seed 0]
-                                     [--out recs.jsonl] [--batch-size B] [--checkpoint final] [--device cpu]
+                                     [--out recs.jsonl] [--batch-size B] [--checkpoint best] [--device cpu]
                                      [--compile MODE] [--prefix-cache on|off]
 
 ``--users FILE``: one raw user id per line (blank lines and lines starting with ``#`` are
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the all-unseen candidate sampling")
     ap.add_argument("--out", default=None, help="write JSONL here (atomically); default: print to stdout")
     ap.add_argument("--batch-size", type=int, default=None, help="users per forward (default: eval.batch_size)")
-    ap.add_argument("--checkpoint", default="final")
+    ap.add_argument("--checkpoint", default=None,
+                    help="checkpoint folder name under RUN/checkpoints (best, final, stage1, ...); default: the one "
+                         "the run's own test evaluation scored (best when eval.checkpoint=best and it exists, else final)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's device setting)")
     ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
                     help="score on static shapes, compiled (reduce-overhead = CUDA graphs, pays for many "
@@ -245,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{' '.join(args.candidates)!r}")
         if not Path(args.run).is_dir():
             raise UsageError(f"--run {args.run}: run folder does not exist")
+        from speeder_fast.evaluate import run_checkpoint
         from speeder_fast.training.run import load_run
 
-        comp = load_run(args.run, checkpoint=args.checkpoint, device=args.device)  # train.packing applied (one log line)
+        comp = load_run(args.run, checkpoint=args.checkpoint or run_checkpoint(args.run), device=args.device)  # train.packing applied (one log line)
         if args.prefix_cache is not None:
             comp.model.prefix_cache = args.prefix_cache == "on"
         ds = comp.prepared.dataset

@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 from speeder_fast.config import (ANSWER_MODES, DEVICES, PARADIGMS, PRECISIONS, PRESETS, Config, ConfigError,
-                                 describe_fields, load_config, resolve, set_override, to_toml, validate)
+                                 describe_fields, load_run_config, resolve, set_override, to_toml, validate)
 
 __all__ = ["PRESETS", "RESUME_SAFE", "build_parser", "main", "resolve_config", "resolve_resume_config"]
 
@@ -86,7 +86,7 @@ def resolve_resume_config(args: argparse.Namespace) -> Config:
     run = Path(args.resume)
     if not (run / "config.toml").is_file():
         raise ConfigError(f"--resume {run}: no config.toml there (not a speeder_fast run folder)")
-    cfg = load_config(run / "config.toml")
+    cfg = load_run_config(run / "config.toml")
     if args.config or any(getattr(args, f) is not None for f in ("data", "model", "paradigm", "precision", "mode",
                                                                  "output_dir", "run_name")):
         raise ConfigError("--resume takes the run's own config.toml; --config and the data/model/paradigm/precision/"
@@ -102,10 +102,14 @@ def resolve_resume_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def trained_lines(seconds: float, steps: int, epoch_seconds: float, n_train: int) -> str:
-    """The two timing lines printed after training, each saying what it counts."""
+def trained_lines(seconds: float, steps: int, epoch_seconds: float, n_train: int, epochs: float = 0.0) -> str:
+    """The two timing lines printed after training, each saying what it counts: the measured step
+    time of the run, and its rate per epoch of the training set (a rate, not a separate measurement)."""
+    step_s = epoch_seconds * epochs
+    measured = (f"{step_s:.1f} s for {steps} steps = {epochs:.2f} epochs, i.e. " if epochs > 0 and steps > 0 else "")
     return (f"trained: {steps} steps in {seconds:.1f} s wall time (setup, validation and checkpoints included)\n"
-            f"training steps alone: {epoch_seconds:.1f} s per epoch of {n_train} examples (validation excluded)")
+            f"training steps alone (validation excluded): {measured}{epoch_seconds:.1f} s per epoch of {n_train} "
+            f"examples")
 
 
 def finished_report(run_dir: str | Path) -> str:
@@ -119,7 +123,8 @@ def finished_report(run_dir: str | Path) -> str:
     summary = finished_summary(run) or {}
     if "steps" in summary:
         parts.append(trained_lines(float(summary.get("total_seconds") or 0.0), int(summary["steps"]),
-                                   float(summary.get("epoch_seconds") or 0.0), int(summary.get("n_train") or 0)))
+                                   float(summary.get("epoch_seconds") or 0.0), int(summary.get("n_train") or 0),
+                                   float(summary.get("epochs") or 0.0)))
     tables = sorted(run.glob("eval_*_*.md"))
     if tables:
         parts += [p.read_text(encoding="utf-8").strip() + f"\n\n({p.name})" for p in tables]
@@ -194,7 +199,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                 resume=bool(args.resume))
     comp = res.components
     if rank0:
-        print(trained_lines(res.seconds, res.steps, res.epoch_seconds, len(comp.prepared.train)))
+        print(trained_lines(res.seconds, res.steps, res.epoch_seconds, len(comp.prepared.train), res.epochs))
     if not args.no_eval:
         ckpt = "final"
         best = res.run_dir / "checkpoints" / "best"

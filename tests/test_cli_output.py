@@ -70,13 +70,14 @@ def test_finished_report_is_tables_not_a_dict(tmp_path, valid):
     from speeder_fast.train import finished_report
 
     mark_finished(tmp_path, {"steps": 80, "total_seconds": 2311.6, "epoch_seconds": 2689.1, "n_train": 800,
-                             "valid": valid})
+                             "epochs": 0.8, "valid": valid})
     if valid is None:
         (tmp_path / "eval_test_score.md").write_text("## speeder: test split\n\n| model | n |\n|---|---|\n| x | 1 |\n")
     out = finished_report(tmp_path)
     assert "has already finished" in out and "{'" not in out
     assert "trained: 80 steps in 2311.6 s wall time (setup, validation and checkpoints included)" in out
-    assert "training steps alone: 2689.1 s per epoch of 800 examples (validation excluded)" in out
+    assert ("training steps alone (validation excluded): 2151.3 s for 80 steps = 0.80 epochs, i.e. 2689.1 s per "
+            "epoch of 800 examples") in out
     assert ("(eval_test_score.md)" in out) if valid is None else ("| valid | 8 | 0.2500 | 1.0000 |" in out)
 
 

@@ -104,6 +104,83 @@ def test_item_head_cosine_scores_and_identity_projection():
         ItemHead(4, 3, "l2")
 
 
+def test_item_head_late_fusion_sums_per_modality_cosines():
+    """``parts = M`` (model.head_keys=experts): logit = sum_m s_m cos(W_m h, e_m) + b, an absent
+    modality (zero vector) adds nothing; W_m starts as the identity."""
+    g = torch.Generator().manual_seed(0)
+    head = ItemHead(5, 4, "cosine", temperature=0.25, projection=True, item_bias=True, parts=2)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(4, generator=g))
+        head.log_scale.copy_(torch.tensor([0.3, -0.2]))
+        head.proj.weight.add_(torch.randn(10, 5, generator=g) * 0.3)
+    assert head.query(torch.zeros(1, 5)).shape == (1, 10)
+    h = torch.randn(3, 5, generator=g)
+    e = torch.randn(4, 2, 5, generator=g)
+    e[2, 1] = 0.0  # item 2 has no second modality
+    s = head.scores(h, head.keys(e))
+    W = head.proj.weight.view(2, 5, 5)
+    hand = torch.zeros(3, 4)
+    for m in range(2):
+        for i in range(4):
+            if m == 1 and i == 2:
+                continue
+            cos = torch.nn.functional.cosine_similarity(h @ W[m].t(), e[i, m][None], dim=-1)
+            hand[:, i] += head.log_scale[m].exp() * cos
+    torch.testing.assert_close(s, hand + head.bias, rtol=1e-5, atol=1e-5)
+    fresh = ItemHead(5, 4, parts=3)
+    torch.testing.assert_close(fresh.proj.weight, torch.eye(5).repeat(3, 1))
+    with pytest.raises(ValueError, match="modality blocks"):
+        head.keys(torch.randn(4, 3, 5))
+
+
+def test_late_fusion_head_trains_and_scores_through_the_model(llm_dir):
+    """head_keys=experts through SpeederRecModel: the item loss equals a hand computation over the
+    MoME's expert vectors, gradients reach every expert, and scores use the cached expert catalogue."""
+    from speeder_fast.model.llm import ItemLossSettings, SpeederRecModel
+
+    cfg, prepared, builder, model = tiny.make_rec_model(llm_dir, mode="item", k=2, lora_b_noise=True)
+    M = len(model.mome.modalities)
+    assert M >= 2
+    head = ItemHead(64, prepared.dataset.n_items, parts=M)
+    m = SpeederRecModel(model.llm, model.mome, model.positions, item_head=head)
+    m.item_loss = ItemLossSettings()
+    prepared = prepared.with_sequence_windows(5)
+    tr = prepared.train
+    batch = builder.build(tr.histories[:5], tr.lengths[:5], None, tr.targets[:5])
+    m.eval()
+    loss = m(batch)
+    h = m.hidden_states(batch).reshape(-1, 64)[batch.item_pos]
+    vec = m.mome.expert_vectors(torch.arange(m.mome.n_items))
+    assert vec.shape == (m.mome.n_items, M, 64)
+    hand = torch.nn.functional.cross_entropy(head.query(h) @ head.keys(vec).t() + head.bias, batch.item_targets)
+    torch.testing.assert_close(loss, hand)
+    loss.backward()
+    for name in m.mome.modalities:
+        assert m.mome.experts[name][0].weight.grad.abs().sum() > 0, name
+    # train.item_modality_loss: + w * each modality's own softmax loss (its key block + the bias)
+    m.item_loss = ItemLossSettings(modality_loss=0.5)
+    qf, kf = head.query(h), head.keys(vec)
+    extra = sum(torch.nn.functional.cross_entropy(qf[:, j * 64:(j + 1) * 64] @ kf[:, j * 64:(j + 1) * 64].t() + head.bias,
+                                                  batch.item_targets) for j in range(M))
+    torch.testing.assert_close(m(batch), hand + 0.5 * extra)
+    m.mome.set_active([m.mome.modalities[0]])  # an inactive modality adds no term (its block is zero)
+    vec1 = m.mome.expert_vectors(torch.arange(m.mome.n_items))
+    assert vec1[:, 1:].abs().sum() == 0
+    h1 = m.hidden_states(batch).reshape(-1, 64)[batch.item_pos]  # the input tokens changed too
+    q1, k1 = head.query(h1), head.keys(vec1)
+    main = torch.nn.functional.cross_entropy(q1 @ k1.t() + head.bias, batch.item_targets)
+    own = torch.nn.functional.cross_entropy(q1[:, :64] @ k1[:, :64].t() + head.bias, batch.item_targets)
+    torch.testing.assert_close(m(batch), main + 0.5 * own)
+    m.mome.set_active(m.mome.modalities)
+    te = prepared.test
+    ev = builder.build(te.histories[:3], te.lengths[:3], None, None, with_answer=False)
+    with torch.no_grad():
+        s = m.score(ev)
+        assert m.mome._expert_catalog is not None
+        h_last = m.hidden_states(ev).reshape(-1, 64)[torch.arange(3) * ev.input_ids.shape[1] + ev.answer_pos]
+        torch.testing.assert_close(s, head.query(h_last) @ head.keys(vec).t() + head.bias, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- full ranking
 def _brute_force_ranks(scores: np.ndarray, targets: np.ndarray, hists: list[list[int]]) -> np.ndarray:
     out = []
@@ -291,7 +368,7 @@ def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path,
     assert r["HR@1"] == 1.0 and r["full_HR@1"] == 1.0, r
     assert r["n"] == 40 and r["ValidRatio"] == 1.0
     # the saved run gives the same numbers, and recommend ranks the catalogue without the history
-    result, sas, md = evaluate_run(res.run_dir, split="test", progress=False, prepared=prepared)
+    result, sas, md = evaluate_run(res.run_dir, split="test", checkpoint="final", progress=False, prepared=prepared)
     assert result["HR@1"] == 1.0 and result["full_NDCG@10"] == 1.0 and "full_NDCG@10" in md
     assert sas is not None and "full_NDCG@10" in sas
     loaded = load_run(res.run_dir, prepared=prepared)

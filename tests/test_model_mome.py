@@ -127,3 +127,33 @@ def test_catalog_cache_invalidated_by_training():
     mome.eval()
     c2 = mome.encode_catalog()
     assert c2 is not c1 and torch.allclose(c2, c1 + 1.0, atol=1e-6)
+
+
+def test_modality_dropout_uses_one_modality_mixtures_in_training_only():
+    """ModDrop: in training every item's tokens equal its all-modality, text-only or collab-only
+    mixture (never the empty one); in eval they equal the all-modality mixture exactly."""
+    import pytest
+
+    n = 64
+    feats = _features(n)
+    mome = MoME(feats, hidden_size=8, n_tokens=1, expert_hidden=7, modality_dropout=0.5)
+    _randomize(mome)
+    items = torch.arange(n)
+    mome.eval()
+    full = mome.encode(items)
+    torch.testing.assert_close(full, _hand(mome, feats, items, {"text", "collab"}))
+    only = {m: _hand(mome, feats, items, {m}) for m in ("text", "collab")}
+    mome.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = mome.encode(items)
+    kinds = []
+    for u in range(n):
+        match = [name for name, ref in (("both", full), ("text", only["text"]), ("collab", only["collab"]))
+                 if torch.allclose(out[u], ref[u], atol=1e-5)]
+        assert match, f"item {u}: not one of the three mixtures"
+        kinds.append(match[0])
+    # p = 0.5 per modality, all-dropped rows keep both: P(both) = 1/2, P(one only) = 1/4 each
+    assert 15 < kinds.count("both") < 50 and kinds.count("text") > 5 and kinds.count("collab") > 5
+    with pytest.raises(ValueError, match="modality_dropout"):
+        MoME(feats, hidden_size=8, modality_dropout=1.0)

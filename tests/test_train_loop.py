@@ -52,6 +52,24 @@ def test_config_roundtrip_with_stages(tmp_path):
     assert back.train.stages[1].modalities == ["text", "collab"] and back.train.stages[1].freeze_previous_experts
 
 
+def test_run_config_written_before_a_key_existed_keeps_the_trained_value(tmp_path):
+    """A run folder's config.toml lists every key of its time: one without ``model.head_keys`` was
+    trained with the mixture head (the default before late fusion) and must reload with it."""
+    from speeder_fast.config import load_run_config
+
+    cfg = _cfg("x", tmp_path)
+    text = to_toml(cfg)
+    new = tmp_path / "new.toml"
+    new.write_text(text)
+    assert load_run_config(new) == load_config(new) and load_run_config(new).model.head_keys == "experts"
+    old = tmp_path / "old.toml"
+    old.write_text("\n".join(ln for ln in text.splitlines()
+                             if not ln.startswith(("head_keys", "item_modality_loss", "modality_dropout"))))
+    back = load_run_config(old)
+    assert back.model.head_keys == "mixture" and back.train.item_modality_loss == 0.0
+    assert load_config(old).model.head_keys == "experts"  # a user's config file takes today's defaults
+
+
 def test_default_stages_and_schedule():
     cfg = Config()
     st = resolve_stages(cfg, ["text", "collab"])
@@ -91,14 +109,24 @@ def test_speeder_run_trains_checkpoints_and_reloads(llm_dir, tmp_path, cache):
     # the reloaded run scores exactly like the trained model in memory
     comp = res.components
     direct = evaluate_split(comp.model, comp.builder, prepared, "test", "score", 16, 8, device="cpu", progress=False)
-    result, sas, md = evaluate_run(d, split="test", mode="score", max_examples=16, progress=False, prepared=prepared)
+    result, sas, md = evaluate_run(d, split="test", mode="score", max_examples=16, checkpoint="final", progress=False,
+                                   prepared=prepared)
     for k in ("VHR@1", "HR@1", "NDCG@10", "ValidRatio"):
         assert result[k] == pytest.approx(direct[k])
     assert result["ValidRatio"] == 1.0 and result["n"] == 16
     assert sas is not None and sas["n"] == 16 and 0.0 <= sas["HR@1"] <= 1.0
-    assert "SASRec" in md and (d / "eval_test_score.json").is_file() and (d / "eval_test_score.md").is_file()
-    saved = json.loads((d / "eval_test_score.json").read_text())
+    # not the train CLI's own evaluation (that one scores eval.checkpoint=best): a file of its own
+    assert result["report"] == "eval_test_score_final_n16"
+    assert "SASRec" in md and (d / "eval_test_score_final_n16.json").is_file() and (d / "eval_test_score_final_n16.md").is_file()
+    saved = json.loads((d / "eval_test_score_final_n16.json").read_text())
     assert "Popularity" in md and saved["popularity"]["n"] == 16
+    # the run's own settings (best, eval.max_examples=16) write the plain name; a subset never replaces it
+    own, _, _ = evaluate_run(d, split="test", mode="score", progress=False, prepared=prepared)
+    assert own["report"] == "eval_test_score" and own["checkpoint"] == "best" and own["n"] == 16
+    before = (d / "eval_test_score.json").read_bytes()
+    sub, _, _ = evaluate_run(d, split="test", mode="score", max_examples=8, progress=False, prepared=prepared)
+    assert sub["report"] == "eval_test_score_best_n8" and (d / "eval_test_score_best_n8.json").is_file()
+    assert (d / "eval_test_score.json").read_bytes() == before
 
 
 def test_stage_freezing_and_lora_flags(llm_dir, tmp_path, cache):

@@ -11,6 +11,16 @@ has a vector, and one forward pass plus one matmul against the cached catalogue 
 ``s`` starts at ``1 / model.head_temperature`` and ``b`` (``model.head_item_bias``) is a learned
 per-item bias. ``dot`` similarity drops both normalisations and ``s``.
 
+With ``model.head_keys = "experts"`` the head scores each modality separately and adds the scores
+(late fusion): ``e_{m,i}`` is modality ``m``'s expert vector of item ``i`` (:meth:`MoME.expert_vectors`,
+the same experts that write the input tokens, before the mixture), and::
+
+    logit(h, i) = sum_m s_m * <normalize(W_m h), normalize(e_{m,i})> + b_i
+
+summed over the modalities present for ``i`` (and active in the MPO stage). Implemented as one dot
+product of concatenations, ``query = [s_m normalize(W_m h)]_m`` and ``key = [normalize(e_{m,i})]_m``
+(``M * H`` wide, zero blocks for absent modalities), so the losses below apply unchanged.
+
 Training (SASRec's objective, Kang & McAuley 2018): every history position predicts the next item
 with a softmax cross-entropy over the catalogue:
 
@@ -48,37 +58,67 @@ class ItemHead(nn.Module):
         temperature: initial temperature for ``cosine`` (``s = 1 / temperature``, learned).
         projection: learn an ``H x H`` projection of the hidden state (identity at init).
         item_bias: learn a per-item bias (zeros at init).
+        parts: ``1`` (keys from the MRC mixture, ``model.head_keys=mixture``) or ``M`` > 1, the number
+            of modalities scored separately (``model.head_keys=experts``): one projection block and
+            one scale per modality.
+
+    Raises:
+        ConfigError: unknown ``similarity``, ``temperature <= 0`` or ``parts < 1``.
     """
 
     def __init__(self, hidden_size: int, n_items: int, similarity: str = "cosine", temperature: float = 0.07,
-                 projection: bool = True, item_bias: bool = True) -> None:
+                 projection: bool = True, item_bias: bool = True, parts: int = 1) -> None:
         super().__init__()
         if similarity not in ("cosine", "dot"):
             raise ConfigError(f"model.head_similarity: {similarity!r} is not cosine or dot")
         if not temperature > 0:
             raise ConfigError(f"model.head_temperature must be > 0, got {temperature}")
+        if parts < 1:
+            raise ConfigError(f"item head parts must be >= 1, got {parts}")
         self.similarity = similarity
-        self.proj = nn.Linear(hidden_size, hidden_size, bias=False) if projection else None
-        if self.proj is not None:
-            nn.init.eye_(self.proj.weight)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if similarity == "cosine" else None
+        self.parts = int(parts)
+        self.hidden_size = int(hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size * self.parts, bias=False) if projection else None
+        if self.proj is not None:  # identity per block
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(hidden_size).repeat(self.parts, 1))
+        if similarity == "cosine":
+            init = torch.tensor(math.log(1.0 / temperature))
+            self.log_scale = nn.Parameter(init if self.parts == 1 else init.repeat(self.parts))
+        else:
+            self.log_scale = None
         self.bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
 
     def query(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 queries ``[P, H]`` from hidden states ``h [P, H]`` (projected; normalised and scaled
-        by ``s`` for cosine), so that ``logits = query @ keys.T + bias``."""
+        """fp32 queries ``[P, D]`` from hidden states ``h [P, H]`` (projected; normalised and scaled
+        by ``s`` for cosine, per block with ``parts > 1``; ``D = parts * H``), so that
+        ``logits = query @ keys.T + bias``."""
         q = h.float()
         if self.proj is not None:
             q = F.linear(q, self.proj.weight.float())
+        elif self.parts > 1:
+            q = q.repeat(1, self.parts)
         if self.similarity == "cosine":
-            q = F.normalize(q, dim=-1) * self.log_scale.exp()
+            if self.parts == 1:
+                q = F.normalize(q, dim=-1) * self.log_scale.exp()
+            else:
+                P = q.shape[0]
+                q = (F.normalize(q.view(P, self.parts, -1), dim=-1) * self.log_scale.exp()[:, None]).view(P, -1)
         return q
 
-    def keys(self, item_tokens: torch.Tensor) -> torch.Tensor:
-        """fp32 item vectors ``[N, H]`` from MRC tokens ``[N, k, H]`` (mean over the k tokens;
-        normalised for cosine)."""
-        e = item_tokens.float().mean(1)
-        return F.normalize(e, dim=-1) if self.similarity == "cosine" else e
+    def keys(self, item_vectors: torch.Tensor) -> torch.Tensor:
+        """fp32 item vectors ``[N, D]``: from MRC tokens ``[N, k, H]`` (``parts == 1``: mean over the
+        k tokens) or per-modality expert vectors ``[N, M, H]`` (``parts == M``: concatenated, each
+        block on its own, zero blocks stay zero); normalised for cosine."""
+        e = item_vectors.float()
+        if self.parts == 1:
+            e = e.mean(1)
+            return F.normalize(e, dim=-1) if self.similarity == "cosine" else e
+        if e.shape[1] != self.parts:
+            raise ValueError(f"expected {self.parts} modality blocks, got item vectors of shape {tuple(e.shape)}")
+        if self.similarity == "cosine":
+            e = F.normalize(e, dim=-1)
+        return e.reshape(e.shape[0], -1)
 
     def item_bias(self, items: torch.Tensor | None = None) -> torch.Tensor | None:
         """The bias of ``items`` (all items when None), or None without a bias."""
@@ -87,7 +127,7 @@ class ItemHead(nn.Module):
         return self.bias if items is None else self.bias.index_select(0, items)
 
     def scores(self, h: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` fp32 scores of the catalogue ``keys [N, H]`` for hidden states ``h [B, H]``."""
+        """``[B, N]`` fp32 scores of the catalogue ``keys [N, D]`` (:meth:`keys`) for hidden states ``h [B, H]``."""
         s = self.query(h) @ keys.t()
         b = self.item_bias()
         return s if b is None else s + b

@@ -191,11 +191,15 @@ class ItemLossSettings:
         proposal: None (uniform over the catalogue) or fp32 ``[n_items]`` sampling weights (e.g.
             training counts + 1); normalised here.
         all_positions: train every history line end (else only the answer position).
+        modality_loss: with per-modality keys (:attr:`ItemHead.parts` > 1), the weight of one extra
+            softmax loss per active modality on that modality's score alone (+ the item bias), so
+            each modality must rank the catalogue by itself (``train.item_modality_loss``; 0 = off).
     """
 
     def __init__(self, sampled: bool = False, chunk: int = 16384, negatives: int = 8192,
-                 proposal: torch.Tensor | None = None, all_positions: bool = True) -> None:
+                 proposal: torch.Tensor | None = None, all_positions: bool = True, modality_loss: float = 0.0) -> None:
         self.sampled, self.chunk, self.negatives, self.all_positions = bool(sampled), int(chunk), int(negatives), bool(all_positions)
+        self.modality_loss = float(modality_loss)
         self.proposal = None if proposal is None else (proposal.double() / proposal.double().sum()).float()
 
     def sample(self, n_items: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +284,7 @@ class SpeederRecModel(nn.Module):
         self._prefix_state = None
         self._llm_params = None
         if self.mome is not None:
-            self.mome._catalog = None
+            self.mome.clear_cache()
         self._keys_src = self._keys = None
 
     def _llm_state(self) -> tuple:
@@ -573,14 +577,17 @@ class SpeederRecModel(nn.Module):
 
     # ------------------------------------------------------------------ next-item head
     def item_keys_of(self, items: torch.Tensor) -> torch.Tensor:
-        """fp32 head vectors ``[U, H]`` of ``items`` (int64 ``[U]``), with gradient to the MoME."""
+        """fp32 head vectors ``[U, D]`` of ``items`` (int64 ``[U]``), with gradient to the MoME
+        (``D = H``, or ``M * H`` with per-modality keys, :attr:`ItemHead.parts` > 1)."""
+        if self.item_head.parts > 1:
+            return self.item_head.keys(self.mome.expert_vectors(items))
         return self.item_head.keys(self.mome.encode(items))
 
     @torch.no_grad()
     def catalog_keys(self) -> torch.Tensor:
-        """fp32 head vectors of every item ``[n_items, H]`` from the cached MRC catalogue (recomputed
+        """fp32 head vectors of every item ``[n_items, D]`` from the cached MRC catalogue (recomputed
         only when the catalogue is: after ``train()``, a stage change or loading weights)."""
-        src = self.mome.encode_catalog()
+        src = self.mome.expert_catalog() if self.item_head.parts > 1 else self.mome.encode_catalog()
         if src is not self._keys_src:
             self._keys_src, self._keys = src, self.item_head.keys(src)
         return self._keys
@@ -601,11 +608,25 @@ class SpeederRecModel(nn.Module):
         q = head.query(h.reshape(-1, H).index_select(0, rows))
         n_items = self.mome.n_items
         if not st.sampled:
-            keys = self.item_keys_of(torch.arange(n_items, device=q.device))
-            return chunked_softmax_ce(q, keys, head.item_bias(), targets, st.chunk)
-        neg, log_q = st.sample(n_items, q.device)
-        return sampled_softmax_ce(q, self.item_keys_of(targets), head.item_bias(targets), self.item_keys_of(neg),
-                                  head.item_bias(neg), log_q, targets, neg)
+            keys, bias = self.item_keys_of(torch.arange(n_items, device=q.device)), head.item_bias()
+
+            def loss_of(qq: torch.Tensor, cols: slice) -> torch.Tensor:
+                return chunked_softmax_ce(qq, keys[:, cols], bias, targets, st.chunk)
+        else:
+            neg, log_q = st.sample(n_items, q.device)
+            tk, nk = self.item_keys_of(targets), self.item_keys_of(neg)
+            tb, nb = head.item_bias(targets), head.item_bias(neg)
+
+            def loss_of(qq: torch.Tensor, cols: slice) -> torch.Tensor:
+                return sampled_softmax_ce(qq, tk[:, cols], tb, nk[:, cols], nb, log_q, targets, neg)
+        loss = loss_of(q, slice(None))
+        if head.parts > 1 and st.modality_loss > 0:  # each modality's score on its own (late fusion only)
+            Hh = head.hidden_size
+            for j in range(head.parts):
+                if bool(self.mome.active_mask[j]):
+                    cols = slice(j * Hh, (j + 1) * Hh)
+                    loss = loss + st.modality_loss * loss_of(q[:, cols], cols)
+        return loss
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:

@@ -7,6 +7,12 @@ For an item with per-modality features ``x_m`` (text, image, collab; any subset 
     w      = softmax over modalities that are present AND active in the current MPO stage
     tokens = LayerNorm_H(sum_m w_m e_m) * ln_weight + ln_bias          -> [k, H]
 
+In training, ``modality_dropout`` (``model.modality_dropout``) removes each present modality of an
+item from the mixture with that probability, independently per item and per call (an item that
+would lose all its modalities keeps them all), so that no expert can rely on another being there
+(modality dropout, Neverova et al., ModDrop, TPAMI 2016). Evaluation always uses every present
+modality.
+
 ``LN`` is a parameter-free per-item standardisation (features of different modalities live on very
 different scales). The output LayerNorm weight starts at the RMS norm of the LLM's input
 embeddings, so a fresh soft token has the same scale as a word embedding. The combine step runs
@@ -43,6 +49,8 @@ class MoME(nn.Module):
         per_token_gate: one gate per soft token (``M*k`` logits) instead of one per item.
         token_rms: initial output LayerNorm weight (the LLM embedding RMS norm).
         kernels_force: ``auto`` (Triton on CUDA, torch on CPU) | ``triton`` | ``torch`` (``model.use_kernels``).
+        modality_dropout: training-time probability of dropping a present modality of an item
+            (``0 <= p < 1``; ValueError otherwise).
     """
 
     def __init__(
@@ -54,8 +62,12 @@ class MoME(nn.Module):
         per_token_gate: bool = False,
         token_rms: float = 1.0,
         kernels_force: str = "auto",
+        modality_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        self.modality_dropout = float(modality_dropout)
         if not features:
             raise ValueError("MoME needs at least one modality's features")
         self.modalities: list[str] = list(features)
@@ -95,6 +107,7 @@ class MoME(nn.Module):
         self.ln_weight = nn.Parameter(torch.full((hidden_size,), float(token_rms)))
         self.ln_bias = nn.Parameter(torch.zeros(hidden_size))
         self._catalog: torch.Tensor | None = None
+        self._expert_catalog: torch.Tensor | None = None
         self.kernels_force = kernels_force
 
     # ------------------------------------------------------------------ stage control
@@ -103,15 +116,20 @@ class MoME(nn.Module):
         wanted = set(modalities)
         self.active = [m for m in self.modalities if m in wanted]
         self.active_mask.copy_(torch.tensor([m in wanted for m in self.modalities], dtype=torch.bool))
-        self._catalog = None
+        self.clear_cache()
 
     def train(self, mode: bool = True) -> "MoME":
         if mode:
-            self._catalog = None  # parameters are about to change
+            self.clear_cache()  # parameters are about to change
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+    def clear_cache(self) -> None:
+        """Drop the cached catalogue tensors (:meth:`encode_catalog`, :meth:`expert_catalog`)."""
         self._catalog = None
+        self._expert_catalog = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+        self.clear_cache()
         return super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ encoding
@@ -134,6 +152,9 @@ class MoME(nn.Module):
         expert_out = torch.stack(outs, 1)  # [U, M, k, H]
         gate = self.gate(torch.cat(feats, 1)).view(U, M, -1)  # [U, M, G]
         mask = self.present[items] & self.active_mask  # [U, M]
+        if self.training and self.modality_dropout > 0 and M > 1:
+            kept = mask & (torch.rand(mask.shape, device=mask.device) >= self.modality_dropout)
+            mask = torch.where(kept.any(1, keepdim=True), kept, mask)
         return kernels.mome_combine(expert_out, gate, mask, self.ln_weight, self.ln_bias, force=self.kernels_force)
 
     @torch.no_grad()
@@ -144,6 +165,33 @@ class MoME(nn.Module):
             parts = [self.encode(torch.arange(s, min(s + chunk, self.n_items), device=dev)) for s in range(0, self.n_items, chunk)]
             self._catalog = torch.cat(parts, 0)
         return self._catalog
+
+    def expert_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Each modality expert's own vector of ``items`` (int64 ``[U]``), before the mixture:
+        ``[U, M, H]`` float32, the mean of the expert's ``k`` output tokens, zero where the modality
+        is absent for the item or inactive in the current MPO stage. The late-fusion keys of the
+        next-item head (``model.head_keys=experts``); no modality dropout is applied here."""
+        U, M, k, H = items.shape[0], len(self.modalities), self.k, self.hidden_size
+        if U == 0:
+            return self.ln_bias.new_zeros(0, M, H)
+        mask = (self.present[items] & self.active_mask).float()  # [U, M]
+        outs = []
+        for j, m in enumerate(self.modalities):
+            if m in self.active:
+                outs.append(self.experts[m](self.features_of(m)[items]).view(U, k, H).mean(1) * mask[:, j:j + 1])
+            else:
+                outs.append(self.ln_bias.new_zeros(U, H))
+        return torch.stack(outs, 1)
+
+    @torch.no_grad()
+    def expert_catalog(self, chunk: int = 4096) -> torch.Tensor:
+        """:meth:`expert_vectors` of every item ``[n_items, M, H]``, cached like :meth:`encode_catalog`."""
+        if self._expert_catalog is None:
+            dev = self.present.device
+            parts = [self.expert_vectors(torch.arange(s, min(s + chunk, self.n_items), device=dev))
+                     for s in range(0, self.n_items, chunk)]
+            self._expert_catalog = torch.cat(parts, 0)
+        return self._expert_catalog
 
     def parameters_of(self, modalities: Iterable[str]) -> list[nn.Parameter]:
         """Parameters of the experts of ``modalities``."""

@@ -118,6 +118,7 @@ class TrainResult:
     seconds: float  # wall time of train(): setup, training steps, validation and checkpoints
     epoch_seconds: float  # training-step time per epoch over the training set (validation excluded)
     steps: int
+    epochs: float = 0.0  # epochs of the training set the steps covered
 
 
 @dataclass
@@ -533,4 +534,4 @@ def finish(run: Run, state: TrainProgress, seconds: float) -> TrainResult:
         atomic_write_json(run.run_dir / "train_summary.json", summary)
         mark_finished(run.run_dir, {k: v for k, v in summary.items() if k != "features"})
     barrier()
-    return TrainResult(run.run_dir, comp, state.last_valid, seconds, epoch_seconds, state.global_step)
+    return TrainResult(run.run_dir, comp, state.last_valid, seconds, epoch_seconds, state.global_step, epochs_done)

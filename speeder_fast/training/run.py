@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder_fast.config import Config, ConfigError, load_config, to_toml
+from speeder_fast.config import Config, ConfigError, load_run_config, to_toml
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.errors import CheckpointError
 from speeder_fast.utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, get_logger, resolve_device
@@ -261,14 +261,16 @@ def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, d
         rms = embedding_rms(llm)
         torch.manual_seed(cfg.seed)
         mome = MoME(features, H, mc.n_item_tokens, mc.expert_hidden, mc.per_token_gate, rms,
-                    kernels_force=mc.use_kernels)
+                    kernels_force=mc.use_kernels, modality_dropout=mc.modality_dropout)
         if cfg.prompt.paradigm == "speeder":
             positions = SPAE(H, mc.max_positions, mc.spae_absolute, mc.spae_relative,
                              init_std=0.1 * rms, kernels_force=mc.use_kernels)
     item_mode = cfg.prompt.answer_mode == "item"
     if item_mode:
+        # late fusion needs two modalities; with one, its expert vector is the mixture's only input
+        parts = len(mome.modalities) if mc.head_keys == "experts" and len(mome.modalities) > 1 else 1
         head = ItemHead(H, prepared.dataset.n_items, mc.head_similarity, mc.head_temperature, mc.head_projection,
-                        mc.head_item_bias)
+                        mc.head_item_bias, parts=parts)
         if head.bias is not None and mc.head_bias_init == "popularity":
             from speeder_fast.evaluate import item_popularity
 
@@ -303,7 +305,8 @@ def item_loss_settings(cfg: Config, prepared: PreparedData) -> Any:
     proposal = None
     if sampled and tc.item_sampling == "popularity":
         proposal = torch.from_numpy(item_popularity(prepared) + 1.0)
-    st = ItemLossSettings(sampled, tc.item_logit_chunk, tc.item_negatives, proposal, tc.item_all_positions)
+    st = ItemLossSettings(sampled, tc.item_logit_chunk, tc.item_negatives, proposal, tc.item_all_positions,
+                          tc.item_modality_loss if cfg.model.head_keys == "experts" else 0.0)
     log.info("next-item head: %s over %d items%s", "sampled softmax" if sampled else "full softmax", n_items,
              f" ({tc.item_negatives} {tc.item_sampling} negatives per step, logQ-corrected)" if sampled else
              f" (logit chunks of {tc.item_logit_chunk})")
@@ -370,7 +373,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.toml (is this a speeder_fast run folder?)")
-    cfg = load_config(cfg_path)
+    cfg = load_run_config(cfg_path)
     if device:
         cfg.device = device
     ck = run_dir / "checkpoints" / checkpoint / "trainable.safetensors"
