@@ -403,18 +403,22 @@ def write_report(run_dir: Path, result: dict, sasrec: dict | None, label: str, p
 
 
 # ---------------------------------------------------------------------------------- run level
+def evaluated_checkpoint(cfg: Any, run_dir: str | Path) -> str:
+    """The checkpoint a run's test evaluation scores: ``best`` when ``cfg.eval.checkpoint`` is
+    ``best`` and the run saved one (the best validation metric, RecBole's convention), else ``final``."""
+    best = Path(run_dir) / "checkpoints" / "best"
+    return "best" if cfg.eval.checkpoint == "best" and best.is_dir() else "final"
+
+
 def run_checkpoint(run_dir: str | Path) -> str:
-    """The checkpoint the train CLI's own test evaluation scores: ``best`` when ``eval.checkpoint`` is
-    ``best`` and the run saved one, else ``final`` (also when the folder has no config: loading it
-    then raises the clear error)."""
+    """:func:`evaluated_checkpoint` of a run folder, read from its ``config.toml`` (``final`` when the
+    folder has none: loading the run then raises the clear error)."""
     from speeder_fast.config import load_run_config
 
     cfg_path = Path(run_dir) / "config.toml"
     if not cfg_path.is_file():
         return "final"
-    cfg = load_run_config(cfg_path)
-    best = Path(run_dir) / "checkpoints" / "best"
-    return "best" if cfg.eval.checkpoint == "best" and best.is_dir() else "final"
+    return evaluated_checkpoint(load_run_config(cfg_path), run_dir)
 
 
 def evaluate_run(

@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         print(format_stats(compute_stats(prepared)))
         return 0
 
-    from speeder_fast.evaluate import evaluate_split, report_with_references
+    from speeder_fast.evaluate import evaluate_split, evaluated_checkpoint, report_with_references
     from speeder_fast.training import train
 
     if rank0:
@@ -202,12 +202,11 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         print(trained_lines(res.seconds, res.steps, res.epoch_seconds, len(comp.prepared.train), res.epochs))
     if not args.no_eval:
         ckpt = "final"
-        best = res.run_dir / "checkpoints" / "best"
-        if cfg.eval.checkpoint == "best" and best.is_dir():  # the weights with the best validation metric
+        if evaluated_checkpoint(cfg, res.run_dir) == "best":  # the weights with the best validation metric
             from speeder_fast.checkpoint import load_checkpoint
             from speeder_fast.training.run import load_weights
 
-            loaded = load_checkpoint(best)
+            loaded = load_checkpoint(res.run_dir / "checkpoints" / "best")
             load_weights(comp, loaded)
             ckpt = f"best (step {loaded.step})"
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,

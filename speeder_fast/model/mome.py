@@ -161,10 +161,14 @@ class MoME(nn.Module):
     def encode_catalog(self, chunk: int = 4096) -> torch.Tensor:
         """Soft tokens of every item [n_items, k, H], cached until the next ``train()``/stage change."""
         if self._catalog is None:
-            dev = self.present.device
-            parts = [self.encode(torch.arange(s, min(s + chunk, self.n_items), device=dev)) for s in range(0, self.n_items, chunk)]
-            self._catalog = torch.cat(parts, 0)
+            self._catalog = self._over_catalog(self.encode, chunk)
         return self._catalog
+
+    def _over_catalog(self, fn, chunk: int) -> torch.Tensor:
+        """``fn`` applied to every item id, ``chunk`` items at a time, concatenated along dim 0."""
+        dev = self.present.device
+        return torch.cat([fn(torch.arange(s, min(s + chunk, self.n_items), device=dev))
+                          for s in range(0, self.n_items, chunk)], 0)
 
     def expert_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Each modality expert's own vector of ``items`` (int64 ``[U]``), before the mixture:
@@ -187,10 +191,7 @@ class MoME(nn.Module):
     def expert_catalog(self, chunk: int = 4096) -> torch.Tensor:
         """:meth:`expert_vectors` of every item ``[n_items, M, H]``, cached like :meth:`encode_catalog`."""
         if self._expert_catalog is None:
-            dev = self.present.device
-            parts = [self.expert_vectors(torch.arange(s, min(s + chunk, self.n_items), device=dev))
-                     for s in range(0, self.n_items, chunk)]
-            self._expert_catalog = torch.cat(parts, 0)
+            self._expert_catalog = self._over_catalog(self.expert_vectors, chunk)
         return self._expert_catalog
 
     def parameters_of(self, modalities: Iterable[str]) -> list[nn.Parameter]:
