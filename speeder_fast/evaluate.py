@@ -469,6 +469,13 @@ def evaluate_run(
     return result, sas, md
 
 
+def written_line(result: dict, run_dir: str | Path) -> str:
+    """The evaluate CLI's last line: the checkpoint scored (the resolved name, also when
+    ``--checkpoint`` was left to its default), the number of examples and the report written."""
+    return (f"checkpoint {result['checkpoint']} evaluated on {result['n']} examples; {result['report']}.json/.md "
+            f"written to {Path(run_dir).resolve()}")
+
+
 def report_with_references(run_dir: Path, cfg: Any, prepared: PreparedData, result: dict, max_examples: int,
                            tag: str = "") -> tuple[dict | None, str]:
     """SASRec and popularity rows on the result's split/examples, written with :func:`write_report`
@@ -513,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
                                 prefix_cache=onoff[args.prefix_cache])
         print(md)
-        name = result["report"]
-        print(f"checkpoint {args.checkpoint} evaluated on {result['n']} examples; {name}.json/.md written to "
-              f"{Path(args.run).resolve()}")
+        print(written_line(result, args.run))
         return 0
 
     return run_cli(body)  # one error: line; 2 bad input, 3 out of memory

@@ -127,6 +127,11 @@ def test_speeder_run_trains_checkpoints_and_reloads(llm_dir, tmp_path, cache):
     sub, _, _ = evaluate_run(d, split="test", mode="score", max_examples=8, progress=False, prepared=prepared)
     assert sub["report"] == "eval_test_score_best_n8" and (d / "eval_test_score_best_n8.json").is_file()
     assert (d / "eval_test_score.json").read_bytes() == before
+    # the CLI's last line names the resolved checkpoint, never "None" for the default
+    from speeder_fast.evaluate import written_line
+
+    line = written_line(sub, d)
+    assert line.startswith("checkpoint best evaluated on 8 examples; eval_test_score_best_n8.json/.md written to ")
 
 
 def test_stage_freezing_and_lora_flags(llm_dir, tmp_path, cache):

@@ -98,12 +98,9 @@ class ItemHead(nn.Module):
             q = F.linear(q, self.proj.weight.float())
         elif self.parts > 1:
             q = q.repeat(1, self.parts)
-        if self.similarity == "cosine":
-            if self.parts == 1:
-                q = F.normalize(q, dim=-1) * self.log_scale.exp()
-            else:
-                P = q.shape[0]
-                q = (F.normalize(q.view(P, self.parts, -1), dim=-1) * self.log_scale.exp()[:, None]).view(P, -1)
+        if self.similarity == "cosine":  # each H-wide block normalised and scaled by its own s
+            P = q.shape[0]
+            q = (F.normalize(q.view(P, self.parts, -1), dim=-1) * self.log_scale.exp().reshape(-1, 1)).view(P, -1)
         return q
 
     def keys(self, item_vectors: torch.Tensor) -> torch.Tensor:

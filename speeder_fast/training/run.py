@@ -306,7 +306,7 @@ def item_loss_settings(cfg: Config, prepared: PreparedData) -> Any:
     if sampled and tc.item_sampling == "popularity":
         proposal = torch.from_numpy(item_popularity(prepared) + 1.0)
     st = ItemLossSettings(sampled, tc.item_logit_chunk, tc.item_negatives, proposal, tc.item_all_positions,
-                          tc.item_modality_loss if cfg.model.head_keys == "experts" else 0.0)
+                          tc.item_modality_loss)  # applied only by a late-fusion head (ItemHead.parts > 1)
     log.info("next-item head: %s over %d items%s", "sampled softmax" if sampled else "full softmax", n_items,
              f" ({tc.item_negatives} {tc.item_sampling} negatives per step, logQ-corrected)" if sampled else
              f" (logit chunks of {tc.item_logit_chunk})")
