@@ -44,7 +44,7 @@ import torch
 
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.distributed import gather_tensor, get_rank, get_world_size, shard_indices_for_eval
-from speeder_fast.config import ANSWER_MODES, COMPILE_MODES, SPLITS
+from speeder_fast.config import ANSWER_MODES, COMPILE_MODES, PRECISIONS, SPLITS
 from speeder_fast.metrics import FULL_HR_KS, FULL_NDCG_KS, full_ranks, hit_rate, ndcg, rank_of_target
 from speeder_fast.errors import UsageError
 from speeder_fast.utils import atomic_write_json, atomic_write_text, get_logger
@@ -434,6 +434,7 @@ def evaluate_run(
     compile_mode: str | None = None,
     constrained: bool | None = None,
     prefix_cache: bool | None = None,
+    precision: str | None = None,
 ) -> tuple[dict, dict | None, str]:
     """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown).
     ``constrained`` / ``prefix_cache``: override ``eval.constrained`` / ``eval.prefix_cache``.
@@ -442,12 +443,14 @@ def evaluate_run(
     examples are those of the train CLI's own evaluation (``eval.checkpoint``, ``eval.max_examples``),
     so re-evaluating reproduces that file; any other checkpoint or subset gets its own file,
     ``eval_<split>_<mode>_<checkpoint>_n<N>`` (``_all`` for every example; ``result["report"]`` holds
-    the stem), and never replaces the run's evaluation."""
+    the stem), and never replaces the run's evaluation. ``precision`` serves the run at another
+    ``model.precision`` (:func:`~speeder_fast.training.run.load_run`); a precision other than the
+    run's adds ``_<precision>`` to that file name."""
     from speeder_fast.training.run import load_run
 
     default_ckpt = run_checkpoint(run_dir)
     checkpoint = checkpoint or default_ckpt
-    comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared)
+    comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared, precision=precision)
     cfg = comp.cfg
     if prefix_cache is not None:
         comp.model.prefix_cache = bool(prefix_cache)
@@ -461,9 +464,11 @@ def evaluate_run(
         constrained=cfg.eval.constrained if constrained is None else bool(constrained),
     )
     result["checkpoint"] = checkpoint
+    other_precision = precision is not None and comp.trained_precision != precision
     own = (checkpoint == default_ckpt and n_max == cfg.eval.max_examples and split == cfg.eval.split
-           and mode == cfg.prompt.answer_mode)
-    tag = "" if own else f"{checkpoint}_n{n_max if n_max > 0 else 'all'}"
+           and mode == cfg.prompt.answer_mode and not other_precision)
+    tag = "" if own else (f"{checkpoint}_n{n_max if n_max > 0 else 'all'}"
+                          + (f"_{cfg.model.precision}" if other_precision else ""))
     result["report"] = report_stem(split, mode, tag)
     sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max, tag)
     return result, sas, md
@@ -509,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-cache", choices=["on", "off"], default=None,
                     help="serve the fixed instruction prefix from its cached keys/values (on) or recompute it for "
                          "every example (off); default: eval.prefix_cache of the run (on unless set)")
+    ap.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help="serve the run at this model.precision instead of the one it was trained at (bf16: "
+                         "faster on CPUs with AVX512-BF16/AMX; the report gets its own file); default: the run's")
     args = ap.parse_args(argv)
     from speeder_fast.errors import UsageError, run_cli
 
@@ -518,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         onoff = {"on": True, "off": False, None: None}
         result, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
                                 args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
-                                prefix_cache=onoff[args.prefix_cache])
+                                prefix_cache=onoff[args.prefix_cache], precision=args.precision)
         print(md)
         print(written_line(result, args.run))
         return 0

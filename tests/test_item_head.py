@@ -384,7 +384,7 @@ def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path,
     from speeder_fast.recommend import main as recommend_main
 
     orig = run_mod.load_run
-    monkeypatch.setattr(run_mod, "load_run", lambda *a, **k: orig(*a, prepared=prepared, **k))
+    monkeypatch.setattr(run_mod, "load_run", lambda *a, **k: orig(*a, **{**k, "prepared": prepared}))
     out = tmp_path / "recs.jsonl"
     assert recommend_main(["--run", str(res.run_dir), "--users", "all", "--top-k", "21", "--out", str(out)]) == 2
     assert recommend_main(["--run", str(res.run_dir), "--users", "all", "--top-k", "2", "--out", str(out)]) == 0
@@ -395,6 +395,23 @@ def test_tiny_model_fits_a_toy_sequence_pattern_to_hr1_of_one(llm_dir, tmp_path,
                            "--out", str(out)]) == 0
     top = [json.loads(x)["recommendations"][0]["item"] for x in out.read_text().splitlines()]
     assert top == [str(i) for i in prepared.test.targets]  # HR@1 = 1 on the persisted candidates too
+    # served at bf16 (base loaded in bf16, trained weights cast): the pattern still ranks first; the
+    # report gets its own file and the fp32 one is untouched (load_run is patched to the in-memory data)
+    own = (res.run_dir / f"{result['report']}.json").read_bytes()
+    half, _, md16 = evaluate_run(res.run_dir, split="test", checkpoint="final", progress=False, precision="bf16")
+    assert half["HR@1"] == 1.0 and half["report"] == f"{result['report']}_bf16"
+    assert (res.run_dir / f"{half['report']}.json").is_file() and "bf16" in md16
+    assert (res.run_dir / f"{result['report']}.json").read_bytes() == own
+    same, _, _ = evaluate_run(res.run_dir, split="test", checkpoint="final", progress=False,
+                              precision="fp32")  # the run's own precision: no suffix
+    assert same["report"] == result["report"] == "eval_test_item_final_nall"
+    assert next(run_mod.load_run(res.run_dir, precision="bf16").model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        run_mod.load_run(res.run_dir, precision="fp16")
+    assert recommend_main(["--run", str(res.run_dir), "--users", "all", "--top-k", "2", "--precision", "bf16",
+                           "--out", str(out)]) == 0
+    top16 = [json.loads(x)["recommendations"][0]["item"] for x in out.read_text().splitlines()]
+    assert top16 == [x["recommendations"][0]["item"] for x in lines]
 
 
 @pytest.mark.parametrize("paradigm", ["speeder", "titles"])

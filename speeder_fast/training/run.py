@@ -113,6 +113,9 @@ class Components:
     model: Any  # SpeederRecModel
     modalities: list[str] = field(default_factory=list)  # modalities with features (speeder paradigm)
     feature_info: dict = field(default_factory=dict)
+    #: ``model.precision`` the trained weights come from (:func:`load_run`; ``cfg.model.precision``
+    #: differs when a run is served at another precision); "" for components built for training
+    trained_precision: str = ""
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -364,8 +367,14 @@ def added_embedding_rows(comp: Components) -> dict[str, torch.Tensor]:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None = None,
-             prepared: PreparedData | None = None) -> Components:
-    """Rebuild a trained run's components from its folder (config, features, trainable weights)."""
+             prepared: PreparedData | None = None, precision: str | None = None) -> Components:
+    """Rebuild a trained run's components from its folder (config, features, trainable weights).
+
+    ``precision`` (``fp32`` | ``bf16`` | ``nf4``, :data:`speeder_fast.config.PRECISIONS`) serves the
+    run at another ``model.precision`` than it was trained at: the base model is loaded at that
+    precision and the trained weights are cast to it (e.g. bf16 inference of an fp32 run on a CPU
+    with AVX512-BF16/AMX). None keeps the run's. Raises ValueError for an unknown precision."""
+    from speeder_fast.config import PRECISIONS
     from speeder_fast.checkpoint import refuse_checkpoint_dir
 
     run_dir = Path(run_dir)
@@ -374,8 +383,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.toml (is this a speeder_fast run folder?)")
     cfg = load_run_config(cfg_path)
+    trained_precision = cfg.model.precision
     if device:
         cfg.device = device
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        cfg.model.precision = precision
     ck = run_dir / "checkpoints" / checkpoint / "trainable.safetensors"
     if not ck.is_file():
         avail = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []
@@ -392,6 +406,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     loaded = load_checkpoint(ck.parent)  # verifies the manifest first: a corrupt file raises CheckpointError naming it
     comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared)
     load_weights(comp, loaded)
+    comp.trained_precision = trained_precision
     return comp
 
 
