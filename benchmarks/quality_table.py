@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICE = str(ROOT.parent / "shared" / "data" / "amazon-office")
 
 
-def _stages(*stages: tuple[list[str], int]) -> str:
-    return "train.stages=" + json.dumps([{"modalities": m, "max_steps": n, "lr": LR} for m, n in stages])
+def _stages(*stages: tuple[list[str], int], lr: float | None = None) -> str:
+    return "train.stages=" + json.dumps([{"modalities": m, "max_steps": n, "lr": lr or LR} for m, n in stages])
 
 
 LR = 1e-3
@@ -41,6 +41,8 @@ LR = 1e-3
 #: that do not start from it); nothing here is tuned per dataset
 #: the head before late fusion became the default: keys from the MoME mixture, no per-modality loss
 MIXTURE = ["model.head_keys=mixture", "train.item_modality_loss=0"]
+#: the adapter lr multiplier before 1x became the default (second session of 2026-12-01)
+LR5 = ["train.adapter_lr_scale=5"]
 RECIPE = ["train.batch_size=16", "model.lora_dropout=0.0", "features.text_encoder=minilm", "eval.max_examples=200"]
 
 #: per dataset: the source, the preset, the shared settings and the step budget of the main rows
@@ -61,26 +63,45 @@ def rows_for(steps: int) -> dict[str, list[str]]:
     """Row name -> ``--set`` overrides (on top of the dataset settings and :data:`RECIPE`).
 
     ``speeder-item`` is the recipe: the defaults (text + collab in one stage, late-fusion head with
-    the per-modality loss). The ablations measured before late fusion became the default
-    (2026-12-01) pin the earlier mixture head (:data:`MIXTURE`), so each row still means what was
-    measured; they change one thing from ``speeder-item-mixture``.
+    the per-modality loss, adapter lr 1x). Rows measured under an earlier default pin what they ran
+    with, so each row still means what was measured: the mixture head (:data:`MIXTURE`, the default
+    until 2026-12-01; those rows change one thing from ``speeder-item-mixture``) and the 5x adapter
+    lr (:data:`LR5`, the default until the second 2026-12-01 session; the ``-lf`` rows change one
+    thing from ``speeder-item-lr5``).
     """
     half = steps // 2
     speeder = ["prompt.paradigm=speeder"]
-    mix = speeder + MIXTURE
+    mix = speeder + MIXTURE + LR5
+    lf5 = speeder + LR5
     joint = _stages((["text", "collab"], steps),)
     text_first = _stages((["text"], half), (["text", "collab"], steps - half))
     return {
         "speeder-item": speeder + [joint],
-        "speeder-item-moddrop": speeder + ["model.modality_dropout=0.3", joint],
-        "speeder-item-experts-no-aux": speeder + ["train.item_modality_loss=0", joint],
+        # one change each from speeder-item: half the lr everywhere, LoRA dropout 0.1
+        "speeder-item-half-lr": speeder + [_stages((["text", "collab"], steps), lr=LR / 2)],
+        "speeder-item-lora-dropout": speeder + ["model.lora_dropout=0.1", joint],
+        # collab alone at the same lr: does text add to collab?
+        "speeder-item-collab-lr1": speeder + ['features.modalities=["collab"]', _stages((["collab"], steps),)],
+        # MPO (the paper's order: text first), the stages of the mixture rows; then a whole budget of
+        # joint steps after the text stage (1.5x the steps)
+        "speeder-item-mpo-lr1-lf": speeder + [text_first],
+        "speeder-item-mpo-lr1-long-lf": speeder + [_stages((["text"], half), (["text", "collab"], steps))],
+        # late fusion at the 5x adapter lr (the default before) and its one-change ablations
+        "speeder-item-lr5": lf5 + [joint],
+        "speeder-item-moddrop": lf5 + ["model.modality_dropout=0.3", joint],
+        "speeder-item-experts-no-aux": lf5 + ["train.item_modality_loss=0", joint],
+        "speeder-item-mpo-collab-first-lf": lf5 + [_stages((["collab"], half), (["collab", "text"], steps - half))],
+        "speeder-item-no-spae-lf": lf5 + ["model.spae_absolute=false", "model.spae_relative=false", joint],
+        "speeder-item-k2-lf": lf5 + ["model.n_item_tokens=2", joint],
+        "speeder-item-sasrec200-lf": lf5 + ["features.sasrec_epochs=200", joint],
+        # the mixture head (the default before late fusion) and its one-change ablations
         "speeder-item-mixture": mix + [joint],
         # one modality: the head keys are that modality's (late fusion needs two)
-        "speeder-item-collab": speeder + ['features.modalities=["collab"]', _stages((["collab"], steps),)],
-        "speeder-item-text": speeder + ['features.modalities=["text"]', _stages((["text"], steps),)],
+        "speeder-item-collab": lf5 + ['features.modalities=["collab"]', _stages((["collab"], steps),)],
+        "speeder-item-text": lf5 + ['features.modalities=["text"]', _stages((["text"], steps),)],
         "speeder-item-mpo": mix + [text_first],
         # the text-first collapse, isolated: the plain adapter lr, or the item bias starting at zero
-        "speeder-item-mpo-lr1": mix + ["train.adapter_lr_scale=1", text_first],
+        "speeder-item-mpo-lr1": speeder + MIXTURE + ["train.adapter_lr_scale=1", text_first],
         "speeder-item-mpo-zero-bias": mix + ["model.head_bias_init=zeros", text_first],
         "speeder-item-mpo-collab-first": mix + [_stages((["collab"], half), (["collab", "text"], steps - half))],
         "speeder-item-no-spae": mix + ["model.spae_absolute=false", "model.spae_relative=false", joint],
@@ -94,7 +115,7 @@ def rows_for(steps: int) -> dict[str, list[str]]:
         "speeder-item-h50": mix + ["data.max_history=50", joint],
         "speeder-item-h50-steps": mix + ["data.max_history=50", "train.stages=" + json.dumps(
             [{"modalities": ["text", "collab"], "max_steps": steps, "epochs": 100.0, "lr": LR}])],
-        "titles-item": ["prompt.paradigm=titles", _stages((["text"], steps),)],
+        "titles-item": ["prompt.paradigm=titles"] + LR5 + [_stages((["text"], steps),)],
         "speeder-label": speeder + ["prompt.answer_mode=score", joint],
         "titles-label": ["prompt.paradigm=titles", "prompt.answer_mode=score", _stages((["text"], steps),)],
         "verbose-label": ["prompt.paradigm=verbose", "prompt.answer_mode=score", "train.batch_size=4",

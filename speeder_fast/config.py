@@ -203,9 +203,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.05, "linear warmup fraction of each stage")
     grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
-    adapter_lr_scale: float = _f(5.0, "learning-rate multiplier for the MoME, SPAE and item-head parameters (LoRA "
-                                      "keeps the stage lr); modules trained from scratch want more than LoRA (5: "
-                                      "+0.015 test HR@1 over 1 on ML-100K, docs/speeder.md)")
+    adapter_lr_scale: float = _f(1.0, "learning-rate multiplier for the MoME, SPAE and item-head parameters (LoRA "
+                                      "keeps the stage lr); 1 with the late-fusion head: 5 was level on ML-100K and "
+                                      "below 1 on amazon-office (docs/speeder.md)")
     eval_every: int = _f(0, "evaluate on validation every N steps (0 = at stage ends)")
     eval_max_examples: int = _f(200, "validation examples used for periodic evaluation (0 = all)")
     checkpoint_every: int = _f(0, "checkpoint every N steps (0 = stage ends only)")
