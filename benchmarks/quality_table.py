@@ -66,8 +66,9 @@ def rows_for(steps: int) -> dict[str, list[str]]:
     the per-modality loss, adapter lr 1x). Rows measured under an earlier default pin what they ran
     with, so each row still means what was measured: the mixture head (:data:`MIXTURE`, the default
     until 2026-12-01; those rows change one thing from ``speeder-item-mixture``) and the 5x adapter
-    lr (:data:`LR5`, the default until the second 2026-12-01 session; the ``-lf`` rows change one
-    thing from ``speeder-item-lr5``).
+    lr (:data:`LR5`, the default until the second 2026-12-01 session; the ``-lf`` rows pinned to it
+    change one thing from ``speeder-item-lr5``). ``speeder-item-mpo-lr1-lf`` and its ``-long``
+    variant run at the 1x lr and change only the stages of ``speeder-item``.
     """
     half = steps // 2
     speeder = ["prompt.paradigm=speeder"]
