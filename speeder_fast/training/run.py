@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder_fast.config import Config, ConfigError, load_run_config, to_toml
+from speeder_fast.config import Config, ConfigError, load_run_config, to_toml, validate
 from speeder_fast.data.dataset import PreparedData
 from speeder_fast.errors import CheckpointError
 from speeder_fast.utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, get_logger, resolve_device
@@ -373,8 +373,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     ``precision`` (``fp32`` | ``bf16`` | ``nf4``, :data:`speeder_fast.config.PRECISIONS`) serves the
     run at another ``model.precision`` than it was trained at: the base model is loaded at that
     precision and the trained weights are cast to it (e.g. bf16 inference of an fp32 run on a CPU
-    with AVX512-BF16/AMX). None keeps the run's. Raises ValueError for an unknown precision."""
-    from speeder_fast.config import PRECISIONS
+    with AVX512-BF16/AMX). None keeps the run's. Raises ConfigError (a ValueError) when the precision
+    is unknown or cannot run here, from the config's own validation."""
     from speeder_fast.checkpoint import refuse_checkpoint_dir
 
     run_dir = Path(run_dir)
@@ -387,9 +387,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     if device:
         cfg.device = device
     if precision is not None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         cfg.model.precision = precision
+        validate(cfg)  # the model.precision choices and what nf4 needs, as for any config
     ck = run_dir / "checkpoints" / checkpoint / "trainable.safetensors"
     if not ck.is_file():
         avail = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []
