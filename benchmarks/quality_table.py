@@ -76,11 +76,29 @@ def rows_for(steps: int) -> dict[str, list[str]]:
     lf5 = speeder + LR5
     joint = _stages((["text", "collab"], steps),)
     text_first = _stages((["text"], half), (["text", "collab"], steps - half))
+    last2 = "train.stages=" + json.dumps([{"modalities": ["text", "collab"], "epochs": 2.0, "max_steps": 0, "lr": LR}])
     return {
         "speeder-item": speeder + [joint],
         # one change each from speeder-item: half the lr everywhere, LoRA dropout 0.1
         "speeder-item-half-lr": speeder + [_stages((["text", "collab"], steps), lr=LR / 2)],
         "speeder-item-lora-dropout": speeder + ["model.lora_dropout=0.1", joint],
+        # SASRec's per-slot user state added to the history tokens (model.user_state=sasrec, A-LLMRec style)
+        "speeder-item-user-state": speeder + ["model.user_state=sasrec", joint],
+        # with a converged SASRec (ML-100K's quick preset trains it 20 epochs): the default, and the user state
+        "speeder-item-sasrec200-lr1": speeder + ["features.sasrec_epochs=200", joint],
+        "speeder-item-user-state-sasrec200": speeder + ["model.user_state=sasrec", "features.sasrec_epochs=200", joint],
+        # one target per user, the last training transition, for 2 epochs of the users (404 steps on office):
+        # with the usual collab encoder, and with one that never trained on that transition (sasrec_holdout=1)
+        "speeder-item-last-transition": speeder + ["data.last_window_only=true", "train.item_all_positions=false",
+                                                   last2],
+        "speeder-item-holdout-last-transition": speeder + ["data.last_window_only=true", "features.sasrec_holdout=1",
+                                                           "train.item_all_positions=false", last2],
+        "speeder-item-holdout-last-transition-user-state": speeder + [
+            "data.last_window_only=true", "features.sasrec_holdout=1", "model.user_state=sasrec",
+            "train.item_all_positions=false", last2],
+        # the raw SASRec item embeddings as one more head block (plain dot product), alone and with the user state
+        "speeder-item-collab-dot": speeder + ["model.head_collab_dot=true", joint],
+        "speeder-item-user-state-dot": speeder + ["model.user_state=sasrec", "model.head_collab_dot=true", joint],
         # collab alone at the same lr: does text add to collab?
         "speeder-item-collab-lr1": speeder + ['features.modalities=["collab"]', _stages((["collab"], steps),)],
         # MPO (the paper's order: text first), the stages of the mixture rows; then a whole budget of

@@ -46,6 +46,10 @@ HEAD_SIMILARITIES = ("cosine", "dot")
 HEAD_BIAS_INITS = ("zeros", "popularity")
 #: ``model.head_keys`` values (answer_mode=item; see :mod:`speeder_fast.model.item_head`)
 HEAD_KEYS = ("mixture", "experts")
+#: ``model.user_state`` values (see :mod:`speeder_fast.model.user_state`)
+USER_STATES = ("none", "sasrec")
+#: SASRec's window (``SASRecConfig.max_len``): the longest history ``model.user_state=sasrec`` reads
+USER_STATE_MAX_HISTORY = 50
 #: ``train.item_loss`` / ``train.item_sampling`` values (answer_mode=item)
 ITEM_LOSSES = ("auto", "full", "sampled")
 ITEM_SAMPLINGS = ("uniform", "popularity")
@@ -91,6 +95,9 @@ class DataConfig:
     seed: int = _f(42, "seed for candidate sampling (persisted) and training candidates (per epoch)")
     max_users: int = _f(0, "keep only the first N users after filtering (0 = all); a documented subset")
     max_train_examples: int = _f(0, "cap on sliding-window training examples (0 = all; keeps the most recent)")
+    last_window_only: bool = _f(False, "answer_mode=item: train on each user's last sequence window only (the one "
+                                "whose target is the last training item; with train.item_all_positions=false, one "
+                                "target per user: the transition features.sasrec_holdout keeps from the collab encoder)")
     min_user_events: int = _f(3, "users with fewer events after filtering are skipped (leave-one-out needs 3)")
     cache_dir: str = _f("", "processed-data cache (default $SPEEDER_CACHE/data)")
 
@@ -114,6 +121,11 @@ class FeatureConfig:
     image_encoder: str = _f("", "CLIP vision encoder path/HF id for image files")
     sasrec_epochs: int = _f(30, "SASRec training epochs for the collaborative modality")
     sasrec_dim: int = _f(64, "SASRec hidden size")
+    sasrec_holdout: int = _f(0, "collab features (and model.user_state) from a SASRec trained on every sequence "
+                             "without its last N training items (sequence[:-2-N]), so the transitions into them are "
+                             "unseen by the collab item table (it remembers the ones it trained on; "
+                             "benchmarks/sasrec_leakage_check.py); the SASRec reference row is still trained on "
+                             "sequence[:-2]; 0 = off (one SASRec for both)")
     store_dtype: str = _f("float16", "feature store dtype: float16 or float32")
 
 
@@ -151,6 +163,12 @@ class ModelConfig:
     head_item_bias: bool = _f(True, "answer_mode=item: a learned per-item logit bias (it absorbs popularity)")
     head_bias_init: str = _f("popularity", "answer_mode=item: initial item bias, zeros | popularity (log of the "
                              "training counts + 1, centred: the head starts as the popularity ranking)")
+    head_collab_dot: bool = _f(False, "answer_mode=item with the collab modality: one more head block, a plain dot "
+                               "product of a learned map of the hidden state (zero at init) with the raw SASRec item "
+                               "embeddings (SASRec's own scoring geometry), added to the item logits")
+    user_state: str = _f("none", "none | sasrec: add the run's frozen SASRec state at each history position (a "
+                         "function of the items up to it), through a learned projection (zero at init), to that "
+                         "item's soft tokens; speeder paradigm with the collab modality, while collab is active")
 
 
 @dataclass
@@ -423,6 +441,10 @@ RUN_KEYS_ADDED: dict[tuple[str, str], Any] = {
     ("model", "head_keys"): "mixture",  # late fusion became the default on 2026-12-01
     ("train", "item_modality_loss"): 0.0,
     ("model", "modality_dropout"): 0.0,
+    ("model", "user_state"): "none",
+    ("model", "head_collab_dot"): False,
+    ("data", "last_window_only"): False,
+    ("features", "sasrec_holdout"): 0,
 }
 
 
@@ -455,6 +477,7 @@ CHOICE_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model.head_similarity", HEAD_SIMILARITIES),
     ("model.head_bias_init", HEAD_BIAS_INITS),
     ("model.head_keys", HEAD_KEYS),
+    ("model.user_state", USER_STATES),
     ("prompt.paradigm", PARADIGMS),
     ("prompt.answer_mode", ANSWER_MODES),
     ("train.packing", AUTO_ON_OFF),
@@ -561,6 +584,19 @@ def validate(cfg: Config) -> None:
         errs.append("data.max_history must be >= 1")
     if cfg.model.max_positions < cfg.data.max_history:
         errs.append(f"model.max_positions ({cfg.model.max_positions}) < data.max_history ({cfg.data.max_history})")
+    if cfg.model.head_collab_dot and (cfg.prompt.answer_mode != "item" or "collab" not in cfg.features.modalities
+                                      or cfg.prompt.paradigm != "speeder"):
+        errs.append("model.head_collab_dot needs prompt.answer_mode=item, prompt.paradigm=speeder and the collab "
+                    f"modality (got {cfg.prompt.answer_mode}, {cfg.prompt.paradigm}, {cfg.features.modalities})")
+    if cfg.model.user_state == "sasrec":
+        if cfg.prompt.paradigm != "speeder" or "collab" not in cfg.features.modalities:
+            errs.append("model.user_state=sasrec needs prompt.paradigm=speeder and the collab modality in "
+                        f"features.modalities (got paradigm {cfg.prompt.paradigm}, modalities {cfg.features.modalities})")
+        if cfg.data.max_history > USER_STATE_MAX_HISTORY:
+            errs.append(f"model.user_state=sasrec reads at most SASRec's window of {USER_STATE_MAX_HISTORY} items, "
+                        f"but data.max_history is {cfg.data.max_history}")
+    if cfg.features.sasrec_holdout < 0:
+        errs.append(f"features.sasrec_holdout must be >= 0, got {cfg.features.sasrec_holdout}")
     if cfg.data.n_candidates < 2:
         errs.append("data.n_candidates must be >= 2")
     if cfg.model.n_item_tokens < 1:

@@ -104,6 +104,27 @@ def test_item_head_cosine_scores_and_identity_projection():
         ItemHead(4, 3, "l2")
 
 
+def test_item_head_collab_dot_block_adds_a_plain_dot_product():
+    """``collab_keys`` (model.head_collab_dot): logit += <C h, c_i> with C learned and zero at init,
+    on top of the late-fusion blocks; a subset of items gets its own rows of the fixed keys."""
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(6, 3, generator=g)
+    head = ItemHead(5, 6, "cosine", parts=2, collab_keys=c)
+    plain = ItemHead(5, 6, "cosine", parts=2)
+    h = torch.randn(4, 5, generator=g)
+    e = torch.randn(6, 2, 5, generator=g)
+    torch.testing.assert_close(head.scores(h, head.keys(e)), plain.scores(h, plain.keys(e)))  # zero at init
+    with torch.no_grad():
+        head.collab_proj.weight.copy_(torch.randn(3, 5, generator=g))
+    torch.testing.assert_close(head.scores(h, head.keys(e)),
+                               plain.scores(h, plain.keys(e)) + (h @ head.collab_proj.weight.t()) @ c.t())
+    items = torch.tensor([4, 1])
+    torch.testing.assert_close(head.keys(e[items], items), head.keys(e)[items])
+    assert "collab_keys" not in head.state_dict() and "collab_proj.weight" in head.state_dict()
+    with pytest.raises(ValueError, match="collab_keys"):
+        ItemHead(5, 7, collab_keys=c)
+
+
 def test_item_head_late_fusion_sums_per_modality_cosines():
     """``parts = M`` (model.head_keys=experts): logit = sum_m s_m cos(W_m h, e_m) + b, an absent
     modality (zero vector) adds nothing; W_m starts as the identity."""

@@ -101,23 +101,48 @@ class PreparedData:
     def split(self, name: str) -> SplitArrays:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
-    def with_sequence_windows(self, max_history: int, max_train_examples: int = 0) -> "PreparedData":
+    def with_sequence_windows(self, max_history: int, max_train_examples: int = 0,
+                              last_only: bool = False) -> "PreparedData":
         """This data with ``train`` rebuilt as SASRec-style sequence windows (``answer_mode=item``).
 
         Each user's training prefix (``sequences[u][:-2]``) is cut, from its end, into windows of up
         to ``max_history`` history items + one target that overlap by one item, so that with
         all-position training every prefix position ``>= 1`` is a target exactly once (see
         :func:`speeder_fast.data.splits.leave_one_out`, ``train_stride=max_history``).
-        ``max_train_examples > 0`` keeps the most recent windows. Valid/test rows and candidates
-        are unchanged.
+        ``max_train_examples > 0`` keeps the most recent windows; ``last_only`` keeps each user's
+        last window only (``data.last_window_only``). Valid/test rows and candidates are unchanged.
         """
         import dataclasses
 
         from speeder_fast.data.splits import leave_one_out
 
         flat, offsets = self.dataset.flat()
-        train, _, _ = leave_one_out(flat, offsets, max_history, max_train_examples, train_stride=max_history)
+        train, _, _ = leave_one_out(flat, offsets, max_history, max_train_examples, train_stride=max_history,
+                                    last_only=last_only)
         return dataclasses.replace(self, train=train)
+
+    def without_last(self, n: int) -> "PreparedData":
+        """This data with the last ``n`` items of every sequence removed (users with fewer than
+        ``n + 3`` items keep their first 3), re-split leave-one-out: its training prefixes are
+        ``sequences[u][:-2-n]`` and its validation / test targets the ``n + 2``-th / ``n + 1``-th
+        item from the end. For a collaborative encoder that must not have trained on the
+        transitions into the last ``n`` training items (``features.sasrec_holdout``). The candidate
+        sets are each row's target alone (``[n_rows, 1]``): ranking against them means nothing.
+        """
+        import dataclasses
+
+        from speeder_fast.data.splits import leave_one_out
+
+        if n < 0:
+            raise ValueError(f"without_last: n must be >= 0, got {n}")
+        ds = self.dataset
+        seqs = [np.asarray(s[:max(3, len(s) - n)], dtype=np.int64) for s in ds.sequences]
+        short = dataclasses.replace(ds, sequences=seqs, given_split=False)
+        flat, offsets = short.flat()
+        train, valid, test = leave_one_out(flat, offsets, self.train.histories.shape[1])
+        return dataclasses.replace(self, dataset=short, train=train, valid=valid, test=test,
+                                   valid_candidates=valid.targets[:, None].copy(),
+                                   test_candidates=test.targets[:, None].copy())
 
     def stats(self) -> dict:
         """Users, items, interactions, density, sequence lengths, split sizes, text coverage

@@ -40,7 +40,8 @@ def gather_windows(flat: np.ndarray, users: np.ndarray, starts: np.ndarray, ends
 
 
 def leave_one_out(flat: np.ndarray, offsets: np.ndarray, max_history: int,
-                  max_train_examples: int = 0, train_stride: int = 1) -> tuple[SplitArrays, SplitArrays, SplitArrays]:
+                  max_train_examples: int = 0, train_stride: int = 1,
+                  last_only: bool = False) -> tuple[SplitArrays, SplitArrays, SplitArrays]:
     """``(train, valid, test)`` from flat chronological items and ``[n_users+1]`` offsets.
 
     Every user must have at least 3 events. Training targets are prefix positions ``t`` with
@@ -50,7 +51,8 @@ def leave_one_out(flat: np.ndarray, offsets: np.ndarray, max_history: int,
     items that share one item, so every prefix position ``>= 1`` is predicted exactly once by some
     position of some window. ``max_train_examples > 0`` keeps the most recent windows: examples
     are ranked by their distance from the end of their user's training prefix (0 = the last
-    window), ties by user order, and the ``n`` smallest kept, in the original order.
+    window), ties by user order, and the ``n`` smallest kept, in the original order. ``last_only``
+    keeps each user's last training window only (before the ``max_train_examples`` cap).
     """
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
@@ -74,6 +76,9 @@ def leave_one_out(flat: np.ndarray, offsets: np.ndarray, max_history: int,
     j = np.arange(tu.shape[0], dtype=np.int64) - seq_offsets(n_win)[tu]  # window index, oldest first
     from_end = n_win[tu] - 1 - j  # 0 = the user's last window
     t_ends = starts[tu] + 1 + (n_tr[tu] - 1 - from_end * train_stride)
+    if last_only:
+        keep = from_end == 0
+        tu, t_ends, from_end = tu[keep], t_ends[keep], from_end[keep]
     if 0 < max_train_examples < tu.shape[0]:
         order = np.lexsort((tu, from_end))  # by distance from end, then user
         sel = np.sort(order[:max_train_examples])

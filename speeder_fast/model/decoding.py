@@ -84,7 +84,7 @@ def _prefill(model: Any, batch: Any) -> tuple[torch.Tensor, Any, torch.Tensor, t
         cols = slice(s0, None)
         if L > s0:
             embeds = model.embed_inputs(batch.input_ids[:, cols], batch.slot_item[:, cols], batch.slot_abs[:, cols],
-                                        batch.slot_rel[:, cols], model.batch_item_tokens(batch))
+                                        batch.slot_rel[:, cols], model.batch_item_tokens(batch), batch.unique_items)
             cache = pkv.cache(B) if pkv is not None else new_cache(model._decoder_config())
             h = model.decode(embeds, cache, position_ids=torch.arange(s0, L, device=dev)[None])
             h = torch.cat([pkv.hidden.expand(B, -1, -1).to(h.dtype), h], 1) if pkv is not None else h
@@ -101,7 +101,7 @@ def _prefill(model: Any, batch: Any) -> tuple[torch.Tensor, Any, torch.Tensor, t
         ids = ids[:, P:].masked_fill(pad, 0)  # any valid id: masked from every query
         slot_item, slot_abs, slot_rel = (x[:, P:].masked_fill(pad, -1) for x in (slot_item, slot_abs, slot_rel))
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # HF's positions: 0 at each row's first real token
-    embeds = model.embed_inputs(ids, slot_item, slot_abs, slot_rel, model.batch_item_tokens(batch))
+    embeds = model.embed_inputs(ids, slot_item, slot_abs, slot_rel, model.batch_item_tokens(batch), batch.unique_items)
     cache = pkv.cache(B) if pkv is not None else new_cache(model._decoder_config())
     h = model.decode(embeds, cache, attention_mask=mask, position_ids=pos[:, s0:])
     return h[:, -1], cache, mask, pos[:, -1] + 1

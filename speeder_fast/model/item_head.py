@@ -61,13 +61,18 @@ class ItemHead(nn.Module):
         parts: ``1`` (keys from the MRC mixture, ``model.head_keys=mixture``) or ``M`` > 1, the number
             of modalities scored separately (``model.head_keys=experts``): one projection block and
             one scale per modality.
+        collab_keys: optional fixed fp32 ``[n_items, d]`` item vectors scored by a plain dot product
+            with a learned ``d x H`` map of the hidden state (``model.head_collab_dot``: the raw SASRec
+            item embeddings, SASRec's own scoring geometry), appended to the query and the keys as one
+            more block. The map starts at zero, so the block adds nothing at init.
 
     Raises:
         ConfigError: unknown ``similarity``, ``temperature <= 0`` or ``parts < 1``.
     """
 
     def __init__(self, hidden_size: int, n_items: int, similarity: str = "cosine", temperature: float = 0.07,
-                 projection: bool = True, item_bias: bool = True, parts: int = 1) -> None:
+                 projection: bool = True, item_bias: bool = True, parts: int = 1,
+                 collab_keys: torch.Tensor | None = None) -> None:
         super().__init__()
         if similarity not in ("cosine", "dot"):
             raise ConfigError(f"model.head_similarity: {similarity!r} is not cosine or dot")
@@ -88,6 +93,13 @@ class ItemHead(nn.Module):
         else:
             self.log_scale = None
         self.bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
+        self.collab_proj = None
+        if collab_keys is not None:
+            if collab_keys.dim() != 2 or collab_keys.shape[0] != n_items:
+                raise ValueError(f"collab_keys must be [{n_items}, d], got {tuple(collab_keys.shape)}")
+            self.register_buffer("collab_keys", collab_keys.detach().float().clone(), persistent=False)
+            self.collab_proj = nn.Linear(hidden_size, collab_keys.shape[1], bias=False)
+            nn.init.zeros_(self.collab_proj.weight)
 
     def query(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 queries ``[P, D]`` from hidden states ``h [P, H]`` (projected; normalised and scaled
@@ -101,21 +113,29 @@ class ItemHead(nn.Module):
         if self.similarity == "cosine":  # each H-wide block normalised and scaled by its own s
             P = q.shape[0]
             q = (F.normalize(q.view(P, self.parts, -1), dim=-1) * self.log_scale.exp().reshape(-1, 1)).view(P, -1)
+        if self.collab_proj is not None:  # the fixed collab block: a plain dot product
+            q = torch.cat([q, F.linear(h.float(), self.collab_proj.weight.float())], 1)
         return q
 
-    def keys(self, item_vectors: torch.Tensor) -> torch.Tensor:
+    def keys(self, item_vectors: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 item vectors ``[N, D]``: from MRC tokens ``[N, k, H]`` (``parts == 1``: mean over the
         k tokens) or per-modality expert vectors ``[N, M, H]`` (``parts == M``: concatenated, each
-        block on its own, zero blocks stay zero); normalised for cosine."""
+        block on its own, zero blocks stay zero); normalised for cosine. With ``collab_keys`` their
+        rows of ``items`` (int64 ``[N]``; None = the whole catalogue in order) are appended."""
         e = item_vectors.float()
         if self.parts == 1:
             e = e.mean(1)
-            return F.normalize(e, dim=-1) if self.similarity == "cosine" else e
-        if e.shape[1] != self.parts:
-            raise ValueError(f"expected {self.parts} modality blocks, got item vectors of shape {tuple(e.shape)}")
-        if self.similarity == "cosine":
-            e = F.normalize(e, dim=-1)
-        return e.reshape(e.shape[0], -1)
+            e = F.normalize(e, dim=-1) if self.similarity == "cosine" else e
+        else:
+            if e.shape[1] != self.parts:
+                raise ValueError(f"expected {self.parts} modality blocks, got item vectors of shape {tuple(e.shape)}")
+            if self.similarity == "cosine":
+                e = F.normalize(e, dim=-1)
+            e = e.reshape(e.shape[0], -1)
+        if self.collab_proj is not None:
+            c = self.collab_keys if items is None else self.collab_keys.index_select(0, items)
+            e = torch.cat([e, c], 1)
+        return e
 
     def item_bias(self, items: torch.Tensor | None = None) -> torch.Tensor | None:
         """The bias of ``items`` (all items when None), or None without a bias."""

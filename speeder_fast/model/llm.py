@@ -39,6 +39,7 @@ from .mome import MoME
 from .positions import SPAE
 from .prefix_cache import PrefixKV, cache_kwarg, compute_prefix, new_cache, suffix_packing
 from .prompts import PromptBatch, PromptBuilder
+from .user_state import UserState
 
 log = get_logger("speeder_fast.model")
 
@@ -227,11 +228,16 @@ class SpeederRecModel(nn.Module):
 
     def __init__(self, llm: nn.Module, mome: MoME | None = None, positions: SPAE | None = None,
                  packing: str = "auto", item_head: ItemHead | None = None, prefix_cache: bool = True,
-                 prefix_train: bool = False) -> None:
+                 prefix_train: bool = False, user_state: UserState | None = None) -> None:
         super().__init__()
         self.llm = llm
         self.mome = mome
         self.positions = positions
+        #: per-slot collaborative user state (model.user_state=sasrec); needs the collab modality
+        self.user_state = user_state
+        if user_state is not None and (mome is None or "collab" not in mome.modalities):
+            raise ValueError("model.user_state=sasrec adds SASRec's state to the collab item slots: it needs a MoME "
+                             "with the collab modality")
         #: next-item head (answer_mode=item); tied to ``mome``, which then must exist
         self.item_head = item_head
         if item_head is not None and mome is None:
@@ -385,18 +391,36 @@ class SpeederRecModel(nn.Module):
         return self.mome.encode_catalog()[batch.unique_items]
 
     def embed_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
-                     slot_rel: torch.Tensor, item_tokens: torch.Tensor | None) -> torch.Tensor:
+                     slot_rel: torch.Tensor, item_tokens: torch.Tensor | None,
+                     token_items: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                     n_rows: int | None = None) -> torch.Tensor:
         """Input embeddings ``[..., H]`` of ``input_ids`` (any layout: ``[B, L]`` padded or ``[1, T]``
         packed): the token embeddings, with ``item_tokens.view(-1, H)[slot_item]`` (+ SPAE cues) spliced
-        at the item slots; plain token embeddings when ``item_tokens`` is None."""
+        at the item slots; plain token embeddings when ``item_tokens`` is None.
+
+        With a :attr:`user_state` (``model.user_state=sasrec``, collab active in the stage) SASRec's
+        projected state is added at the history slots. It needs ``token_items`` (int64 ``[U]``, the item
+        id of each row of ``item_tokens``; None = row ``i`` is item ``i``, the cached catalogue) and,
+        for a packed row, ``rows`` (int64, the prompt of each position, like ``input_ids``) with
+        ``n_rows`` prompts; padded ``[B, L]`` inputs default to row ``b``."""
         if item_tokens is None:
             return F.embedding(input_ids, self.embed.weight)
-        return self.splice(input_ids, slot_item, slot_abs, slot_rel, item_tokens)
+        embeds = self.splice(input_ids, slot_item, slot_abs, slot_rel, item_tokens)
+        us = self.user_state
+        if us is not None and "collab" in self.mome.active:
+            if rows is None:
+                B, L = input_ids.shape
+                rows, n_rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, L), B
+            if token_items is None:
+                token_items = torch.arange(item_tokens.shape[0], device=input_ids.device)
+            add = us(slot_item, slot_abs, rows, int(n_rows), token_items, self.mome.k)
+            embeds = embeds + add.to(embeds.dtype)
+        return embeds
 
     def input_embeds(self, batch: PromptBatch) -> torch.Tensor:
         """Input embeddings [B, L, H] of the padded batch: token embeddings, item tokens (+ SPAE cues) at slots."""
         return self.embed_inputs(batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel,
-                                 self.batch_item_tokens(batch))
+                                 self.batch_item_tokens(batch), batch.unique_items)
 
     def splice(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                slot_rel: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
@@ -420,7 +444,7 @@ class SpeederRecModel(nn.Module):
         runs on columns ``P..L-1`` only (:meth:`decode_after_prefix`)."""
         cols = slice(pkv.length, None)
         embeds = self.embed_inputs(batch.input_ids[:, cols], batch.slot_item[:, cols], batch.slot_abs[:, cols],
-                                   batch.slot_rel[:, cols], self.batch_item_tokens(batch))
+                                   batch.slot_rel[:, cols], self.batch_item_tokens(batch), batch.unique_items)
         return self.decode_after_prefix(embeds, pkv)
 
     def _hidden_packed_prefix(self, batch: PromptBatch, pkv: PrefixKV) -> torch.Tensor:
@@ -436,7 +460,8 @@ class SpeederRecModel(nn.Module):
             return hp.unsqueeze(0)
         slot_item, slot_abs, slot_rel = (e.index_select(1, src) for e in pb.extras)
         embeds = self.embed_inputs(pb.input_ids.index_select(1, src), slot_item, slot_abs, slot_rel,
-                                   self.batch_item_tokens(batch))
+                                   self.batch_item_tokens(batch), batch.unique_items,
+                                   pb.seq_index.index_select(0, src)[None], B)
         cu_k = cu_q + P * torch.arange(B + 1, device=cu_q.device, dtype=cu_q.dtype)
         h = self.decode(embeds, pkv.cache(1), position_ids=pb.position_ids.index_select(1, src),
                         cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=pb.max_seqlen - P,
@@ -445,16 +470,18 @@ class SpeederRecModel(nn.Module):
         return full.unsqueeze(0)
 
     def _inputs(self, batch: PromptBatch) -> tuple[tuple[Any, ...], dict]:
-        """``((input_ids, slot_item, slot_abs, slot_rel, item_tokens), decoder kwargs)`` of ``batch`` in the
-        layout it runs in: the packed row (+ :meth:`PackedBatch.model_kwargs`), or the padded batch (a
-        padding mask only when it is left-padded: under a plain causal mask real tokens of a
-        right-padded row never see its padding, and only real positions are read)."""
+        """``((input_ids, slot_item, slot_abs, slot_rel, item_tokens, token_items[, rows, n_rows]), decoder
+        kwargs)`` of ``batch`` in the layout it runs in: the packed row (+ :meth:`PackedBatch.model_kwargs`),
+        or the padded batch (a padding mask only when it is left-padded: under a plain causal mask
+        real tokens of a right-padded row never see its padding, and only real positions are read)."""
         items = self.batch_item_tokens(batch)
         if self.uses_packing(batch):
             pb = batch.packed
-            return (pb.input_ids, *pb.extras, items), pb.model_kwargs()
+            return ((pb.input_ids, *pb.extras, items, batch.unique_items, pb.seq_index[None], pb.num_examples),
+                    pb.model_kwargs())
         mask = None if batch.right_padded else batch.attention_mask
-        return (batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, items), {"attention_mask": mask}
+        return ((batch.input_ids, batch.slot_item, batch.slot_abs, batch.slot_rel, items, batch.unique_items),
+                {"attention_mask": mask})
 
     def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
         """Decoder last hidden states (after the final norm).
@@ -580,8 +607,8 @@ class SpeederRecModel(nn.Module):
         """fp32 head vectors ``[U, D]`` of ``items`` (int64 ``[U]``), with gradient to the MoME
         (``D = H``, or ``M * H`` with per-modality keys, :attr:`ItemHead.parts` > 1)."""
         if self.item_head.parts > 1:
-            return self.item_head.keys(self.mome.expert_vectors(items))
-        return self.item_head.keys(self.mome.encode(items))
+            return self.item_head.keys(self.mome.expert_vectors(items), items)
+        return self.item_head.keys(self.mome.encode(items), items)
 
     @torch.no_grad()
     def catalog_keys(self) -> torch.Tensor:
@@ -655,12 +682,15 @@ class SpeederRecModel(nn.Module):
             self.mome.set_active(modalities)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything a run trains: LoRA weights, MoME (experts, gate, LN), SPAE tables."""
+        """Everything a run trains: LoRA weights, MoME (experts, gate, LN), SPAE tables, the item head and
+        the user-state projection (not the frozen SASRec behind it)."""
         sd: dict[str, torch.Tensor] = {}
         for n, p in self.llm.named_parameters():
             if "lora_" in n:
                 sd[f"llm.{n}"] = p.detach()
-        for prefix, mod in (("mome", self.mome), ("positions", self.positions), ("item_head", self.item_head)):
+        us_proj = self.user_state.proj if self.user_state is not None else None  # the frozen SASRec is RUN/sasrec.safetensors
+        for prefix, mod in (("mome", self.mome), ("positions", self.positions), ("item_head", self.item_head),
+                            ("user_state.proj", us_proj)):
             if mod is not None:
                 for n, p in mod.named_parameters():
                     sd[f"{prefix}.{n}"] = p.detach()

@@ -5,7 +5,10 @@ A run folder holds::
     config.toml                    resolved configuration (round-trips through load_config)
     tokenizer_additions.json       special tokens added to the tokenizer (candidate labels), if any
     item_features.safetensors      MRC input features per modality (+ presence masks)
-    sasrec.safetensors             the collaborative encoder, when the collab modality was built
+    sasrec.safetensors             the collaborative encoder, when the collab modality was built (the
+                                   SASRec reference row; also model.user_state's SASRec)
+    sasrec_features.safetensors    with features.sasrec_holdout > 0: the collab encoder (trained without each
+                                   user's last training transitions), which model.user_state then reads
     metrics.jsonl                  training/eval log, one JSON object per line
     checkpoints/step-<8 digits>/ + aliases final, best, stage<i>   (speeder_fast.checkpoint format:
                                    MANIFEST.json, trainable.safetensors, optimizer, rng, trainer_state.json;
@@ -39,6 +42,10 @@ log = get_logger("speeder_fast.training")
 
 FEATURES_FILE = "item_features.safetensors"
 SASREC_FILE = "sasrec.safetensors"
+#: the collab encoder when ``features.sasrec_holdout > 0`` (``SASREC_FILE`` is then the reference row's)
+SASREC_FEATURES_FILE = "sasrec_features.safetensors"
+#: the trained SASRec in :func:`compute_features`' info (not serialised)
+SASREC_MODEL_KEY = "_sasrec_model"
 ADDITIONS_FILE = "tokenizer_additions.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -173,10 +180,23 @@ def compute_features(cfg: Config, prepared: PreparedData, llm: Any, tokenizer: A
         info["sasrec"] = {k: metrics.get(k) for k in ("test_candidates", "valid_candidates", "test_full", "best_epoch",
                                                       "epochs_run", "epoch_seconds")}
         info["sasrec"]["seconds"] = time.perf_counter() - t0
-        raw["collab"] = sasrec_item_embeddings(sas, prepared)
-        if run_dir is not None:
+        if run_dir is not None:  # the reference row's model
             save_sasrec(sas.cpu(), run_dir / SASREC_FILE)
             atomic_write_json(run_dir / "sasrec_metrics.json", metrics)
+        h = cfg.features.sasrec_holdout
+        seen = prepared  # the data the collab encoder trained on (its item mask: items it never trained on -> 0)
+        if h > 0:  # the collab encoder: trained without the transitions into each user's last h training items
+            t0 = time.perf_counter()
+            seen = prepared.without_last(h)
+            sas, fmetrics = train_sasrec(seen, scfg, device=device, progress=progress)
+            info["sasrec_features"] = {"holdout": h, "best_epoch": fmetrics.get("best_epoch"),
+                                       "valid_full": fmetrics.get("valid_full"),
+                                       "seconds": time.perf_counter() - t0}
+            log.info("collab features: SASRec trained on sequence[:-%d] (best epoch %s)", 2 + h, fmetrics.get("best_epoch"))
+            if run_dir is not None:
+                save_sasrec(sas.cpu(), run_dir / SASREC_FEATURES_FILE)
+        raw["collab"] = sasrec_item_embeddings(sas, seen)
+        info[SASREC_MODEL_KEY] = sas  # for model.user_state=sasrec; popped by build_components
     feats = {}
     for m in cfg.features.modalities:
         if m not in raw:
@@ -195,12 +215,18 @@ def compute_features(cfg: Config, prepared: PreparedData, llm: Any, tokenizer: A
 # ------------------------------------------------------------------------------ components
 def build_components(cfg: Config, run_dir: Path | None = None, features: dict | None = None,
                      added_tokens: list[str] | None = None, device: torch.device | None = None,
-                     progress: bool = True, prepared: PreparedData | None = None) -> Components:
+                     progress: bool = True, prepared: PreparedData | None = None,
+                     user_encoder: Any = None) -> Components:
     """Prepare data, load tokenizer + LLM (+ LoRA), build MoME/SPAE (speeder paradigm).
 
     ``features``: precomputed item features (evaluation reloads them from the run); when None and
     the paradigm is ``speeder`` they are computed (and saved to ``run_dir``). ``prepared``: use this
-    dataset instead of ``prepare(cfg.data)`` (tests, notebooks).
+    dataset instead of ``prepare(cfg.data)`` (tests, notebooks). ``user_encoder``: the trained SASRec
+    for ``model.user_state=sasrec`` when ``features`` are given (default: ``run_dir/sasrec.safetensors``;
+    with computed features, the SASRec just trained).
+
+    Raises:
+        ConfigError: no features for any modality; ``model.user_state=sasrec`` without a SASRec.
     """
     from speeder_fast.data import prepare
     from speeder_fast.model import PromptBuilder, load_llm, load_tokenizer
@@ -211,7 +237,8 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     prepared = prepared if prepared is not None else prepare(cfg.data)
     item_mode = cfg.prompt.answer_mode == "item"
     if item_mode:  # all-position training: SASRec-style sequence windows instead of one window per target
-        prepared = prepared.with_sequence_windows(cfg.data.max_history, cfg.data.max_train_examples)
+        prepared = prepared.with_sequence_windows(cfg.data.max_history, cfg.data.max_train_examples,
+                                                  cfg.data.last_window_only)
     tok = load_tokenizer(cfg.model.llm)
     if added_tokens:
         tok.add_tokens(list(added_tokens), special_tokens=True)
@@ -235,17 +262,29 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
             raise ConfigError(f"prompt.paradigm={cfg.prompt.paradigm}: none of the modalities features.modalities="
                               f"{cfg.features.modalities} has features for dataset {prepared.dataset.name} (add one "
                               "it has, e.g. collab, or use paradigm titles/verbose)")
-    model, mods = build_model(cfg, llm, features or {}, prepared, device)
+    sas = info.pop(SASREC_MODEL_KEY, None)
+    if cfg.model.user_state == "sasrec":
+        sp = Path(run_dir) / user_state_file(cfg) if run_dir is not None else None
+        if user_encoder is None and sas is None and sp is not None and sp.is_file():
+            from speeder_fast.features.sasrec import load_sasrec
+
+            user_encoder = load_sasrec(sp)
+        user_encoder = user_encoder if user_encoder is not None else sas
+        if user_encoder is None:
+            raise ConfigError("model.user_state=sasrec: no trained SASRec (the run folder has no "
+                              f"{SASREC_FILE}, and none was trained here)")
+    model, mods = build_model(cfg, llm, features or {}, prepared, device, user_encoder=user_encoder)
     return Components(cfg, device, prepared, tok, builder, model, mods, info)
 
 
-def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, device: torch.device
-                ) -> tuple[Any, list[str]]:
+def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, device: torch.device,
+                user_encoder: Any = None) -> tuple[Any, list[str]]:
     """The :class:`~speeder_fast.model.SpeederRecModel` of ``cfg`` around ``llm`` (LoRA already on).
 
     MoME over ``features`` (``{modality: (x [n_items, D] float, present [n_items] bool)}``) when
     :func:`uses_mome`; SPAE for the speeder paradigm; the next-item head (popularity-initialised bias
-    with ``model.head_bias_init=popularity``) and its loss settings for ``answer_mode=item``. New
+    with ``model.head_bias_init=popularity``) and its loss settings for ``answer_mode=item``; the
+    per-slot user state around ``user_encoder`` (a trained SASRec) for ``model.user_state=sasrec``. New
     modules are seeded with ``cfg.seed`` and moved to ``device``. Shared by :func:`build_components`
     and the benchmarks (``benchmarks/bench_paradigms.py``), so both run the same model.
 
@@ -272,22 +311,40 @@ def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, d
     if item_mode:
         # late fusion needs two modalities; with one, its expert vector is the mixture's only input
         parts = len(mome.modalities) if mc.head_keys == "experts" and len(mome.modalities) > 1 else 1
+        collab_keys = None
+        if mc.head_collab_dot:
+            if "collab" not in features:
+                raise ConfigError("model.head_collab_dot: the run has no collab features")
+            collab_keys = torch.as_tensor(features["collab"][0]).float() * features["collab"][1].float()[:, None]
         head = ItemHead(H, prepared.dataset.n_items, mc.head_similarity, mc.head_temperature, mc.head_projection,
-                        mc.head_item_bias, parts=parts)
+                        mc.head_item_bias, parts=parts, collab_keys=collab_keys)
         if head.bias is not None and mc.head_bias_init == "popularity":
             from speeder_fast.evaluate import item_popularity
 
             with torch.no_grad():
                 logc = torch.from_numpy(np.log1p(item_popularity(prepared))).float()
                 head.bias.copy_(logc - logc.mean())
+    user_state = None
+    if mc.user_state == "sasrec":
+        from speeder_fast.model.user_state import UserState
+
+        if user_encoder is None:
+            raise ConfigError("model.user_state=sasrec: build_model needs the trained SASRec (user_encoder)")
+        user_state = UserState(user_encoder, H)
     model = SpeederRecModel(llm, mome, positions, packing=cfg.train.packing, item_head=head,
-                            prefix_cache=cfg.eval.prefix_cache, prefix_train=cfg.train.prefix_share)
+                            prefix_cache=cfg.eval.prefix_cache, prefix_train=cfg.train.prefix_share,
+                            user_state=user_state)
     if item_mode:
         model.item_loss = item_loss_settings(cfg, prepared)
-    for mod in (mome, positions, head):
+    for mod in (mome, positions, head, user_state):
         if mod is not None:
             mod.to(device)
     return model, mods
+
+
+def user_state_file(cfg: Config) -> str:
+    """The run file holding the SASRec of ``model.user_state=sasrec``: the collab encoder's."""
+    return SASREC_FEATURES_FILE if cfg.features.sasrec_holdout > 0 else SASREC_FILE
 
 
 def uses_mome(cfg: Config) -> bool:
@@ -403,7 +460,16 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     from speeder_fast.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ck.parent)  # verifies the manifest first: a corrupt file raises CheckpointError naming it
-    comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared)
+    user_encoder = None
+    if cfg.model.user_state == "sasrec":
+        from speeder_fast.features.sasrec import load_sasrec
+
+        sp = run_dir / user_state_file(cfg)
+        if not sp.is_file():
+            raise FileNotFoundError(f"{sp} missing: model.user_state=sasrec runs read their SASRec from it")
+        user_encoder = load_sasrec(sp)
+    comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared,
+                            user_encoder=user_encoder)
     load_weights(comp, loaded)
     comp.trained_precision = trained_precision
     return comp

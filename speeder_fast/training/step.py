@@ -67,7 +67,7 @@ def set_trainable(comp: Any, stage: StageConfig, seen: set[str] | frozenset[str]
 
     LoRA when ``stage.train_lora``; the experts of the stage's modalities (those in ``seen``, trained in
     an earlier stage, only without ``freeze_previous_experts``), the gate and output norm; the SPAE
-    tables; the next-item head.
+    tables; the next-item head; the user-state projection (``model.user_state``).
 
     Raises:
         ConfigError: the stage has nothing to train.
@@ -89,6 +89,8 @@ def set_trainable(comp: Any, stage: StageConfig, seen: set[str] | frozenset[str]
         params += list(model.positions.parameters())
     if model.item_head is not None:
         params += list(model.item_head.parameters())
+    if getattr(model, "user_state", None) is not None:  # the projection only: SASRec stays frozen
+        params += model.user_state.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
     if not params:
