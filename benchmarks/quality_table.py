@@ -93,6 +93,10 @@ def rows_for(steps: int) -> dict[str, list[str]]:
                                                    last2],
         "speeder-item-holdout-last-transition": speeder + ["data.last_window_only=true", "features.sasrec_holdout=1",
                                                            "train.item_all_positions=false", last2],
+        "speeder-item-holdout-last-transition-collab": speeder + [
+            'features.modalities=["collab"]', "data.last_window_only=true", "features.sasrec_holdout=1",
+            "train.item_all_positions=false",
+            "train.stages=" + json.dumps([{"modalities": ["collab"], "epochs": 2.0, "max_steps": 0, "lr": LR}])],
         "speeder-item-holdout-last-transition-user-state": speeder + [
             "data.last_window_only=true", "features.sasrec_holdout=1", "model.user_state=sasrec",
             "train.item_all_positions=false", last2],
