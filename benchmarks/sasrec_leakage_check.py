@@ -36,8 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def next_item_metrics(model, prefixes: list, targets: list, window: int, batch: int = 512) -> dict:
-    """Full-ranking NDCG@10 / HR@10 of ``model``'s state after each prefix's last ``window`` items."""
-    ndcg, hr = [], []
+    """Full-ranking metrics (:func:`speeder_fast.metrics.full_ranks`: history excluded, pessimistic
+    ties; :func:`~speeder_fast.metrics.ranking_metrics`) of ``model``'s state after each prefix's
+    last ``window`` items."""
+    from speeder_fast.metrics import full_ranks, ranking_metrics
+
+    ranks = []
     for a in range(0, len(prefixes), batch):
         chunk = prefixes[a:a + batch]
         x = torch.zeros(len(chunk), window, dtype=torch.long)
@@ -46,17 +50,10 @@ def next_item_metrics(model, prefixes: list, targets: list, window: int, batch: 
             x[i, window - len(p):] = torch.as_tensor(p) + 1
         with torch.no_grad():
             s = model.score_all(model(x)[:, -1])
-        t = torch.as_tensor(targets[a:a + batch])
-        rows = torch.arange(len(chunk))
-        ts = s[rows, t].clone()
-        for i, p in enumerate(chunk):  # history excluded (the target itself stays when it is a repeat)
-            s[i, torch.as_tensor(p)] = -torch.inf
-        s[rows, t] = ts
-        r = (s >= ts[:, None]).sum(1) - 1  # pessimistic ties: equal scores rank above the target
-        hit = r < 10
-        ndcg.append(torch.where(hit, 1.0 / torch.log2(r.float() + 2), torch.zeros_like(ts)))
-        hr.append(hit.float())
-    return {"n": len(prefixes), "NDCG@10": torch.cat(ndcg).mean().item(), "HR@10": torch.cat(hr).mean().item()}
+        rows = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(chunk)])
+        items = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in chunk])
+        ranks.append(full_ranks(s, torch.as_tensor(targets[a:a + batch]), rows, items))
+    return ranking_metrics(torch.cat(ranks))
 
 
 def positions_metrics(model, seqs: list, users: list[int], window: int) -> dict:

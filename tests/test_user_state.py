@@ -140,6 +140,21 @@ def test_user_state_config_is_checked():
         load_config(None, ["model.head_collab_dot=true", "prompt.answer_mode=score"])
 
 
+def _user_state_run(llm_dir, tmp_path, monkeypatch, name: str, steps: int):
+    """``(prepared, cfg)`` of a tiny item-mode run with ``model.user_state=sasrec`` (text + collab,
+    a 2-epoch 16-wide SASRec, one stage of ``steps`` steps), its cache under ``tmp_path``."""
+    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    prepared = tiny.make_prepared(n_users=30, n_items=20, n_candidates=8, max_history=5, seed=1)
+    cfg = tiny.train_config(llm_dir, tmp_path, name)
+    cfg.prompt.answer_mode = "item"
+    cfg.model.user_state = "sasrec"
+    cfg.features.modalities = ["text", "collab"]
+    cfg.features.sasrec_epochs, cfg.features.sasrec_dim = 2, 16
+    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=steps, lr=5e-3)]
+    return prepared, cfg
+
+
 def test_user_state_run_trains_saves_and_reloads(llm_dir, tmp_path, monkeypatch):
     """A user-state + collab-dot run trains both projections, keeps SASRec in RUN/sasrec.safetensors,
     and evaluate / load_run rebuild the same model from the run folder (same test metrics)."""
@@ -147,18 +162,10 @@ def test_user_state_run_trains_saves_and_reloads(llm_dir, tmp_path, monkeypatch)
     from speeder_fast.training import train
     from speeder_fast.training.run import load_run
 
-    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-    prepared = tiny.make_prepared(n_users=30, n_items=20, n_candidates=8, max_history=5, seed=1)
-    cfg = tiny.train_config(llm_dir, tmp_path, "us")
-    cfg.prompt.answer_mode = "item"
-    cfg.model.user_state = "sasrec"
+    prepared, cfg = _user_state_run(llm_dir, tmp_path, monkeypatch, "us", 4)
     cfg.model.head_collab_dot = True
-    cfg.features.modalities = ["text", "collab"]
-    cfg.features.sasrec_epochs, cfg.features.sasrec_dim = 2, 16
     cfg.train.batch_size = 8
     cfg.train.eval_max_examples = 10
-    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=4, lr=5e-3)]
     res = train(cfg, progress=False, prepared=prepared)
     m = res.components.model
     assert m.user_state is not None and m.user_state.proj.weight.abs().sum() > 0  # trained away from zero
@@ -226,15 +233,8 @@ def test_sasrec_holdout_trains_the_collab_encoder_without_the_last_transitions(l
     from speeder_fast.training import train
     from speeder_fast.training.run import load_features, load_run
 
-    monkeypatch.setenv("SPEEDER_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-    prepared = tiny.make_prepared(n_users=30, n_items=20, n_candidates=8, max_history=5, seed=1)
-    cfg = tiny.train_config(llm_dir, tmp_path, "holdout")
-    cfg.prompt.answer_mode = "item"
-    cfg.model.user_state = "sasrec"
-    cfg.features.modalities = ["text", "collab"]
-    cfg.features.sasrec_epochs, cfg.features.sasrec_dim, cfg.features.sasrec_holdout = 2, 16, 1
-    cfg.train.stages = [StageConfig(modalities=["text", "collab"], max_steps=2, lr=5e-3)]
+    prepared, cfg = _user_state_run(llm_dir, tmp_path, monkeypatch, "holdout", 2)
+    cfg.features.sasrec_holdout = 1
     res = train(cfg, progress=False, prepared=prepared)
     run = res.run_dir
     ref, feat = load_sasrec(run / "sasrec.safetensors"), load_sasrec(run / "sasrec_features.safetensors")
