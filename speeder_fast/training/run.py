@@ -222,11 +222,13 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     ``features``: precomputed item features (evaluation reloads them from the run); when None and
     the paradigm is ``speeder`` they are computed (and saved to ``run_dir``). ``prepared``: use this
     dataset instead of ``prepare(cfg.data)`` (tests, notebooks). ``user_encoder``: the trained SASRec
-    for ``model.user_state=sasrec`` when ``features`` are given (default: ``run_dir/sasrec.safetensors``;
-    with computed features, the SASRec just trained).
+    for ``model.user_state=sasrec`` when ``features`` are given (default: :func:`load_user_encoder` from
+    ``run_dir``; with computed features, the SASRec just trained).
 
     Raises:
-        ConfigError: no features for any modality; ``model.user_state=sasrec`` without a SASRec.
+        ConfigError: no features for any modality; ``model.user_state=sasrec`` with features given and
+            neither ``user_encoder`` nor ``run_dir``.
+        FileNotFoundError: ``run_dir`` lacks the user-state SASRec (:func:`load_user_encoder`).
     """
     from speeder_fast.data import prepare
     from speeder_fast.model import PromptBuilder, load_llm, load_tokenizer
@@ -264,15 +266,12 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
                               "it has, e.g. collab, or use paradigm titles/verbose)")
     sas = info.pop(SASREC_MODEL_KEY, None)
     if cfg.model.user_state == "sasrec":
-        sp = Path(run_dir) / user_state_file(cfg) if run_dir is not None else None
-        if user_encoder is None and sas is None and sp is not None and sp.is_file():
-            from speeder_fast.features.sasrec import load_sasrec
-
-            user_encoder = load_sasrec(sp)
         user_encoder = user_encoder if user_encoder is not None else sas
-        if user_encoder is None:
-            raise ConfigError("model.user_state=sasrec: no trained SASRec (the run folder has no "
-                              f"{SASREC_FILE}, and none was trained here)")
+        if user_encoder is None:  # features given (resume): the run folder's
+            if run_dir is None:
+                raise ConfigError("model.user_state=sasrec: no trained SASRec (none was trained here and there "
+                                  "is no run folder to read it from)")
+            user_encoder = load_user_encoder(cfg, Path(run_dir))
     model, mods = build_model(cfg, llm, features or {}, prepared, device, user_encoder=user_encoder)
     return Components(cfg, device, prepared, tok, builder, model, mods, info)
 
@@ -345,6 +344,20 @@ def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, d
 def user_state_file(cfg: Config) -> str:
     """The run file holding the SASRec of ``model.user_state=sasrec``: the collab encoder's."""
     return SASREC_FEATURES_FILE if cfg.features.sasrec_holdout > 0 else SASREC_FILE
+
+
+def load_user_encoder(cfg: Config, run_dir: Path) -> Any:
+    """The SASRec of ``model.user_state=sasrec`` from ``run_dir`` (:func:`user_state_file`).
+
+    Raises:
+        FileNotFoundError: the run folder lacks that file.
+    """
+    from speeder_fast.features.sasrec import load_sasrec
+
+    sp = Path(run_dir) / user_state_file(cfg)
+    if not sp.is_file():
+        raise FileNotFoundError(f"{sp} missing: model.user_state=sasrec runs read their SASRec from it")
+    return load_sasrec(sp)
 
 
 def uses_mome(cfg: Config) -> bool:
@@ -460,14 +473,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     from speeder_fast.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ck.parent)  # verifies the manifest first: a corrupt file raises CheckpointError naming it
-    user_encoder = None
-    if cfg.model.user_state == "sasrec":
-        from speeder_fast.features.sasrec import load_sasrec
-
-        sp = run_dir / user_state_file(cfg)
-        if not sp.is_file():
-            raise FileNotFoundError(f"{sp} missing: model.user_state=sasrec runs read their SASRec from it")
-        user_encoder = load_sasrec(sp)
+    user_encoder = load_user_encoder(cfg, run_dir) if cfg.model.user_state == "sasrec" else None
     comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared,
                             user_encoder=user_encoder)
     load_weights(comp, loaded)
