@@ -123,7 +123,7 @@ except Exception as e:  # noqa: BLE001
 PY
 
 # ---------------------------------------------------------------- 2-6. checks
-step "gpu-tests" "${CAP_TESTS:-75}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rs
+step "gpu-tests" "${CAP_TESTS:-90}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rs
 step "bench-kernels" "${CAP_KERNELS:-70}" $PY benchmarks/bench_kernels.py --out "$OUT/kernels.json" --reps 20
 PROF=/tmp/gpu_check_extra/profile
 mkdir -p "$PROF"
@@ -131,7 +131,7 @@ mkdir -p "$PROF"
 step "profile-kernels" "${CAP_PROFILE_KERNELS:-30}" $PY -m speeder_fast.profile kernels --out "$PROF/kernels_trace.json"
 step "fastpath" "${CAP_FASTPATH:-85}" $PY benchmarks/fastpath_check.py --out "$OUT/fastpath.json" --time-budget 55 --steps 3
 SPEEDER_BENCH_BUDGET_S=${PARADIGM_BUDGET_S:-140} \
-  step "paradigms" "${CAP_PARADIGMS:-175}" $PY -m pytest benchmarks/test_bench_paradigms.py --benchmark-only -q -rs \
+  step "paradigms" "${CAP_PARADIGMS:-160}" $PY -m pytest benchmarks/test_bench_paradigms.py --benchmark-only -q -rs \
   -p no:cacheprovider --benchmark-json "$OUT/paradigms.json" --paradigm-summary "$OUT/paradigms_summary.json"
 step "profile-train" "${CAP_PROFILE:-45}" $PY -m speeder_fast.profile train --paradigm speeder \
   --data "${SPEEDER_BENCH_DATA:-../shared/data/amazon-office}" --model "${SPEEDER_BENCH_SMOLLM2:-smollm2-135m}" \

@@ -100,6 +100,15 @@ def rows_for(steps: int) -> dict[str, list[str]]:
         "speeder-item-holdout-last-transition-user-state": speeder + [
             "data.last_window_only=true", "features.sasrec_holdout=1", "model.user_state=sasrec",
             "train.item_all_positions=false", last2],
+        # score fusion with the reference SASRec (model.sasrec_fusion=auto: weight picked on validation after
+        # training; training itself is unchanged): on the holdout recipe, and on the default
+        "speeder-item-holdout-last-transition-fusion": speeder + [
+            "data.last_window_only=true", "features.sasrec_holdout=1", "model.sasrec_fusion=auto",
+            "train.item_all_positions=false", last2],
+        "speeder-item-fusion": speeder + ["model.sasrec_fusion=auto", joint],
+        # every position of each user's last window held out of the collab encoder (holdout = max_history)
+        "speeder-item-holdout-window-fusion": speeder + [
+            "data.last_window_only=true", "features.sasrec_holdout=10", "model.sasrec_fusion=auto", last2],
         # the raw SASRec item embeddings as one more head block (plain dot product), alone and with the user state
         "speeder-item-collab-dot": speeder + ["model.head_collab_dot=true", joint],
         "speeder-item-user-state-dot": speeder + ["model.user_state=sasrec", "model.head_collab_dot=true", joint],

@@ -48,6 +48,8 @@ HEAD_BIAS_INITS = ("zeros", "popularity")
 HEAD_KEYS = ("mixture", "experts")
 #: ``model.user_state`` values (see :mod:`speeder_fast.model.user_state`)
 USER_STATES = ("none", "sasrec")
+#: ``model.sasrec_fusion`` values (see :mod:`speeder_fast.model.fusion`)
+SASREC_FUSIONS = ("off", "auto", "fixed")
 #: SASRec's window (``SASRecConfig.max_len``): the longest history ``model.user_state=sasrec`` reads
 USER_STATE_MAX_HISTORY = 50
 #: ``train.item_loss`` / ``train.item_sampling`` values (answer_mode=item)
@@ -169,6 +171,13 @@ class ModelConfig:
     user_state: str = _f("none", "none | sasrec: add the run's frozen SASRec state at each history position (a "
                          "function of the items up to it), through a learned projection (zero at init), to that "
                          "item's soft tokens; speeder paradigm with the collab modality, while collab is active")
+    sasrec_fusion: str = _f("off", "off | auto | fixed: answer_mode=item, speeder paradigm with the collab modality: "
+                            "when scoring (evaluate, recommend; never in the training loss) add w x the log-softmax "
+                            "of the run's reference SASRec (RUN/sasrec.safetensors, on the prompt's history) to the "
+                            "head's log-softmax. auto: w picked on the validation split after training (grid "
+                            "0..3, best full-catalogue NDCG@10; RUN/sasrec_fusion.json); fixed: "
+                            "model.sasrec_fusion_weight")
+    sasrec_fusion_weight: float = _f(0.5, "model.sasrec_fusion=fixed: the weight w (>= 0) of SASRec's log-softmax")
 
 
 @dataclass
@@ -443,6 +452,8 @@ RUN_KEYS_ADDED: dict[tuple[str, str], Any] = {
     ("model", "modality_dropout"): 0.0,
     ("model", "user_state"): "none",
     ("model", "head_collab_dot"): False,
+    ("model", "sasrec_fusion"): "off",
+    ("model", "sasrec_fusion_weight"): 0.5,
     ("data", "last_window_only"): False,
     ("features", "sasrec_holdout"): 0,
 }
@@ -478,6 +489,7 @@ CHOICE_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model.head_bias_init", HEAD_BIAS_INITS),
     ("model.head_keys", HEAD_KEYS),
     ("model.user_state", USER_STATES),
+    ("model.sasrec_fusion", SASREC_FUSIONS),
     ("prompt.paradigm", PARADIGMS),
     ("prompt.answer_mode", ANSWER_MODES),
     ("train.packing", AUTO_ON_OFF),
@@ -595,6 +607,15 @@ def validate(cfg: Config) -> None:
         if cfg.data.max_history > USER_STATE_MAX_HISTORY:
             errs.append(f"model.user_state=sasrec reads at most SASRec's window of {USER_STATE_MAX_HISTORY} items, "
                         f"but data.max_history is {cfg.data.max_history}")
+    if cfg.model.sasrec_fusion != "off" and (cfg.prompt.answer_mode != "item" or cfg.prompt.paradigm != "speeder"
+                                             or "collab" not in cfg.features.modalities):
+        errs.append("model.sasrec_fusion needs prompt.answer_mode=item, prompt.paradigm=speeder and the collab "
+                    f"modality (its SASRec; got {cfg.prompt.answer_mode}, {cfg.prompt.paradigm}, {cfg.features.modalities})")
+    if not cfg.model.sasrec_fusion_weight >= 0:
+        errs.append(f"model.sasrec_fusion_weight must be >= 0, got {cfg.model.sasrec_fusion_weight}")
+    if cfg.model.sasrec_fusion != "off" and cfg.data.max_history > USER_STATE_MAX_HISTORY:
+        errs.append(f"model.sasrec_fusion reads at most SASRec's window of {USER_STATE_MAX_HISTORY} items, "
+                    f"but data.max_history is {cfg.data.max_history}")
     if cfg.features.sasrec_holdout < 0:
         errs.append(f"features.sasrec_holdout must be >= 0, got {cfg.features.sasrec_holdout}")
     if cfg.data.n_candidates < 2:

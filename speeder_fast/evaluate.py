@@ -257,6 +257,9 @@ def evaluate_split(
         random_hr1=1.0 / cands.shape[1],
         prefix_cache_tokens=prefix_tokens,
     )
+    fu = getattr(model, "fusion", None)
+    if mode == "item" and fu is not None and fu.weight > 0:  # scores fused with SASRec (model.sasrec_fusion)
+        out["sasrec_fusion_weight"] = float(fu.weight)
     if mode == "generate":
         out.update(constrained=bool(constrained), decoded_tokens_mean=float(dec_a.mean()) if len(dec_a) else 0.0)
         if constrained:
@@ -435,6 +438,7 @@ def evaluate_run(
     constrained: bool | None = None,
     prefix_cache: bool | None = None,
     precision: str | None = None,
+    sasrec_fusion: str | None = None,
 ) -> tuple[dict, dict | None, str]:
     """Load a run (config + trainable weights) and evaluate it; returns (result, sasrec, markdown).
     ``constrained`` / ``prefix_cache``: override ``eval.constrained`` / ``eval.prefix_cache``.
@@ -445,12 +449,15 @@ def evaluate_run(
     ``eval_<split>_<mode>_<checkpoint>_n<N>`` (``_all`` for every example; ``result["report"]`` holds
     the stem), and never replaces the run's evaluation. ``precision`` serves the run at another
     ``model.precision`` (:func:`~speeder_fast.training.run.load_run`); a precision other than the
-    run's adds ``_<precision>`` to that file name."""
+    run's adds ``_<precision>`` to that file name. ``sasrec_fusion`` (``off`` | ``auto`` | a weight >= 0)
+    overrides ``model.sasrec_fusion`` (:mod:`speeder_fast.model.fusion`; ``auto`` picks the weight on the
+    validation split now and writes nothing to the run folder); the report then gets ``_fusion-<spec>``."""
     from speeder_fast.training.run import load_run
 
     default_ckpt = run_checkpoint(run_dir)
     checkpoint = checkpoint or default_ckpt
-    comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared, precision=precision)
+    comp = load_run(run_dir, checkpoint=checkpoint, device=device, prepared=prepared, precision=precision,
+                    sasrec_fusion=sasrec_fusion)
     cfg = comp.cfg
     if prefix_cache is not None:
         comp.model.prefix_cache = bool(prefix_cache)
@@ -464,11 +471,14 @@ def evaluate_run(
         constrained=cfg.eval.constrained if constrained is None else bool(constrained),
     )
     result["checkpoint"] = checkpoint
+    if comp.fusion_info is not None:  # model.sasrec_fusion / --sasrec-fusion: the weight and where it came from
+        result["sasrec_fusion"] = comp.fusion_info
     other_precision = precision is not None and comp.trained_precision != precision
     own = (checkpoint == default_ckpt and n_max == cfg.eval.max_examples and split == cfg.eval.split
-           and mode == cfg.prompt.answer_mode and not other_precision)
+           and mode == cfg.prompt.answer_mode and not other_precision and sasrec_fusion is None)
     tag = "" if own else (f"{checkpoint}_n{n_max if n_max > 0 else 'all'}"
-                          + (f"_{cfg.model.precision}" if other_precision else ""))
+                          + (f"_{cfg.model.precision}" if other_precision else "")
+                          + (f"_fusion-{sasrec_fusion}" if sasrec_fusion is not None else ""))
     result["report"] = report_stem(split, mode, tag)
     sas, md = report_with_references(Path(run_dir), cfg, comp.prepared, result, n_max, tag)
     return result, sas, md
@@ -489,6 +499,8 @@ def report_with_references(run_dir: Path, cfg: Any, prepared: PreparedData, resu
     sas = sasrec_reference(Path(run_dir), prepared, split, max_examples, seed=cfg.seed)
     pop = popularity_reference(prepared, split, max_examples, seed=cfg.seed)
     label = f"{cfg.prompt.paradigm} ({Path(cfg.model.llm).name}, {cfg.model.precision})"
+    if result.get("sasrec_fusion_weight"):
+        label += f" + SASRec fusion (w = {result['sasrec_fusion_weight']:g})"
     return sas, write_report(Path(run_dir), result, sas, label, pop, tag)
 
 
@@ -517,16 +529,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="serve the run at this model.precision instead of the one it was trained at (bf16: "
                          "faster on CPUs with AVX512-BF16/AMX; the report gets its own file); default: the run's")
+    ap.add_argument("--sasrec-fusion", default=None, metavar="off|auto|W",
+                    help="item mode: score fused with the run's SASRec, log_softmax(head) + W x log_softmax(SASRec) "
+                         "(off, auto = W picked on the validation split now, or a weight W >= 0; the report gets its "
+                         "own file); default: model.sasrec_fusion of the run (off unless set)")
     args = ap.parse_args(argv)
     from speeder_fast.errors import UsageError, run_cli
 
     def body() -> int:
         if not Path(args.run).is_dir():
             raise UsageError(f"--run {args.run}: run folder does not exist")
+        if args.sasrec_fusion is not None:
+            from speeder_fast.training.fusion import parse_fusion_spec
+
+            parse_fusion_spec(args.sasrec_fusion)  # a bad value fails before the model loads
         onoff = {"on": True, "off": False, None: None}
         result, _, md = evaluate_run(args.run, args.split, args.mode, args.max_examples, args.batch_size, args.checkpoint,
                                 args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
-                                prefix_cache=onoff[args.prefix_cache], precision=args.precision)
+                                prefix_cache=onoff[args.prefix_cache], precision=args.precision,
+                                sasrec_fusion=args.sasrec_fusion)
         print(md)
         print(written_line(result, args.run))
         return 0

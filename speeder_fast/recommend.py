@@ -24,7 +24,8 @@ Which history and which items are ranked:
   (reproducible per user). For label-scoring runs ``N`` must equal the run's ``data.n_candidates``
   (the prompt has that many label tokens); item-mode runs take any ``N``.
 
-Ranking: item-mode runs rank by the next-item head's scores; label-scoring runs by the candidate
+Ranking: item-mode runs rank by the next-item head's scores (with ``model.sasrec_fusion``, the
+fused ``log_softmax(head) + w * log_softmax(SASRec)``, :mod:`speeder_fast.model.fusion`); label-scoring runs by the candidate
 label-token logits at the answer position (``SpeederRecModel.score``: one forward per batch of
 users, MRC item tokens from the cached catalogue). Each output line is a JSON object: ``user``,
 ``line`` (in the users file; null for ``all``), ``history`` (``[{item, title}]``, oldest first:

@@ -200,7 +200,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     comp = res.components
     if rank0:
         print(trained_lines(res.seconds, res.steps, res.epoch_seconds, len(comp.prepared.train), res.epochs))
-    if not args.no_eval:
+    fusion = cfg.model.sasrec_fusion != "off"
+    if not args.no_eval or fusion:
         ckpt = "final"
         if evaluated_checkpoint(cfg, res.run_dir) == "best":  # the weights with the best validation metric
             from speeder_fast.checkpoint import load_checkpoint
@@ -209,11 +210,20 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             loaded = load_checkpoint(res.run_dir / "checkpoints" / "best")
             load_weights(comp, loaded)
             ckpt = f"best (step {loaded.step})"
+    if fusion:  # model.sasrec_fusion: the weight of the evaluated checkpoint (auto: picked on validation now)
+        from speeder_fast.training.fusion import attach_fusion, fusion_weight_line
+
+        info = comp.fusion_info = attach_fusion(comp, res.run_dir, tune=True, progress=not args.no_progress, write=rank0)
+        if rank0 and info is not None and "grid" in info:
+            print(fusion_weight_line(info))
+    if not args.no_eval:
         result = evaluate_split(comp.model, comp.builder, comp.prepared, cfg.eval.split, cfg.prompt.answer_mode,
                                 cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.generate_max_tokens, comp.device,
                                 seed=cfg.seed, progress=not args.no_progress, compile_mode=cfg.eval.compile,
                                 length_multiple=cfg.eval.length_multiple, constrained=cfg.eval.constrained)
         result["checkpoint"] = ckpt
+        if comp.fusion_info is not None:
+            result["sasrec_fusion"] = comp.fusion_info
         if rank0:
             print(f"test evaluation of checkpoint {ckpt} (eval.checkpoint={cfg.eval.checkpoint})")
             print(report_with_references(res.run_dir, cfg, comp.prepared, result, cfg.eval.max_examples)[1])

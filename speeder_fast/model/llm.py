@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from speeder_fast.config import ModelConfig
 from speeder_fast.utils import get_logger
 
+from .fusion import SasrecFusion
 from .item_head import ItemHead, chunked_softmax_ce, sampled_softmax_ce
 from .loss import answer_token_loss, label_logits
 from .mome import MoME
@@ -238,6 +239,8 @@ class SpeederRecModel(nn.Module):
         if user_state is not None and (mome is None or "collab" not in mome.modalities):
             raise ValueError("model.user_state=sasrec adds SASRec's state to the collab item slots: it needs a MoME "
                              "with the collab modality")
+        #: score fusion with the run's SASRec (model.sasrec_fusion; set after training, scoring only)
+        self.fusion: SasrecFusion | None = None
         #: next-item head (answer_mode=item); tied to ``mome``, which then must exist
         self.item_head = item_head
         if item_head is not None and mome is None:
@@ -579,7 +582,24 @@ class SpeederRecModel(nn.Module):
         """
         h = self.hidden_states(batch)
         rows = self.answer_rows(batch, self.uses_packing(batch))
-        return self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), batch.label_token_ids)
+        out = self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), batch.label_token_ids)
+        return self.fused_scores(out, batch.slot_item, batch.slot_abs, batch.unique_items)
+
+    def fused_scores(self, scores: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                     token_items: torch.Tensor | None) -> torch.Tensor:
+        """``scores`` [B, n_items] fused with the run's SASRec (:attr:`fusion`, ``model.sasrec_fusion``:
+        ``log_softmax(scores) + w * log_softmax(SASRec)``, :mod:`.fusion`) when the model has a fusion
+        with a weight > 0 and the head is item mode; else ``scores`` unchanged. ``slot_item`` /
+        ``slot_abs`` are the padded ``[B, L]`` slot arrays, ``token_items`` the item id of each row of
+        the item-token table (None: row ``i`` is item ``i``, the cached catalogue)."""
+        fu = self.fusion
+        if fu is None or fu.weight <= 0 or self.item_head is None or self.mome is None:
+            return scores
+        B, L = slot_abs.shape
+        if token_items is None:
+            token_items = torch.arange(self.mome.n_items, device=slot_abs.device)
+        rows = torch.arange(B, device=slot_abs.device)[:, None].expand(B, L)
+        return fu.fuse(scores, slot_item, slot_abs, rows, B, token_items, self.mome.k)
 
     def score_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                      slot_rel: torch.Tensor, item_tokens: torch.Tensor | None, rows: torch.Tensor,
@@ -592,7 +612,8 @@ class SpeederRecModel(nn.Module):
         ``[B, P + L]`` layout) -> :meth:`answer_scores`, fp32 (the same pieces as :meth:`score`)."""
         embeds = self.embed_inputs(input_ids, slot_item, slot_abs, slot_rel, item_tokens)
         h = self.decode(embeds) if prefix is None else self.decode_after_prefix(embeds, prefix)
-        return self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), label_token_ids, item_keys)
+        out = self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), label_token_ids, item_keys)
+        return self.fused_scores(out, slot_item, slot_abs, None)
 
     def answer_scores(self, last: torch.Tensor, label_token_ids: torch.Tensor,
                       item_keys: torch.Tensor | None = None) -> torch.Tensor:

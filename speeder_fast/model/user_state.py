@@ -27,7 +27,41 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["UserState"]
+__all__ = ["UserState", "histories_from_slots"]
+
+
+def histories_from_slots(slot_item: torch.Tensor, slot_abs: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                         token_items: torch.Tensor, k: int, max_len: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt's history as a SASRec input, rebuilt on the device from the slot arrays (no host sync).
+
+    Args:
+        slot_item: int64 ``[*shape]``, row of the item-token table (``u * k + t``), -1 on text.
+        slot_abs: int64 ``[*shape]``, history index from the oldest (0-based), -1 off history slots.
+        rows: int64 ``[*shape]``, the prompt each position belongs to, in ``0..n_rows-1``.
+        n_rows: number of prompts (host int).
+        token_items: int64 ``[U]``, the item id of each row ``u`` of the item-token table.
+        k: soft tokens per item.
+        max_len: SASRec's window L; history positions ``>= L`` are left out.
+
+    Returns:
+        ``(seq, hist, gather)``: ``seq`` int64 ``[n_rows, L]``, the shifted item ids (item + 1, 0 =
+        padding) *right*-padded, oldest first (exact for a causal SASRec whose positions count from
+        the first real item, :class:`~speeder_fast.features.sasrec.SASRec`); ``hist`` bool ``[N]``
+        (``N = slot_abs.numel()``), the flat positions that are history slots inside the window;
+        ``gather`` int64 ``[N]``, the row of ``seq.view(-1)`` each such position reads (0 elsewhere).
+    """
+    a, s, r = slot_abs.reshape(-1), slot_item.reshape(-1), rows.reshape(-1)
+    L = int(max_len)
+    hist = (a >= 0) & (a < L)
+    first = hist & (s.remainder(k) == 0)
+    item = token_items.index_select(0, (s.clamp(min=0) // k).clamp(max=max(token_items.shape[0] - 1, 0)))
+    dump = n_rows * L  # positions that are not a first item token write here, then it is dropped
+    idx = torch.where(first, r * L + a, torch.full_like(a, dump))
+    seq = torch.zeros(dump + 1, dtype=torch.long, device=a.device).index_copy(0, idx, item + 1)[:dump]
+    # index_copy with repeated dump indices keeps one arbitrary value there: dropped above
+    gather = torch.where(hist, r * L + a, torch.zeros_like(a))
+    return seq.view(n_rows, L), hist, gather
 
 
 class UserState(nn.Module):
@@ -75,18 +109,11 @@ class UserState(nn.Module):
         and get zero states beyond (:func:`speeder_fast.config.validate` rules such configs out).
         """
         shape = slot_abs.shape
-        a, s, r = slot_abs.reshape(-1), slot_item.reshape(-1), rows.reshape(-1)
         L = self.max_len
-        hist = (a >= 0) & (a < L)
-        first = hist & (s.remainder(k) == 0)
-        item = token_items.index_select(0, (s.clamp(min=0) // k).clamp(max=max(token_items.shape[0] - 1, 0)))
-        dump = n_rows * L  # positions that are not a first item token write here, then it is dropped
-        idx = torch.where(first, r * L + a, torch.full_like(a, dump))
-        seq = torch.zeros(dump + 1, dtype=torch.long, device=a.device).index_copy(0, idx, item + 1)[:dump]
-        # index_copy with repeated dump indices keeps one arbitrary value there: dropped above
+        seq, hist, gather = histories_from_slots(slot_item, slot_abs, rows, n_rows, token_items, k, L)
+        dump = n_rows * L
         with torch.no_grad():
-            h = self.sasrec(seq.view(n_rows, L)).reshape(dump, -1)  # right-padded: exact (causal)
-        gather = torch.where(hist, r * L + a, torch.zeros_like(a))
+            h = self.sasrec(seq).reshape(dump, -1)  # right-padded: exact (causal)
         out = h.index_select(0, gather) * hist.unsqueeze(1).to(h.dtype)
         return out.view(*shape, -1)
 

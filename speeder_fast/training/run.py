@@ -6,9 +6,11 @@ A run folder holds::
     tokenizer_additions.json       special tokens added to the tokenizer (candidate labels), if any
     item_features.safetensors      MRC input features per modality (+ presence masks)
     sasrec.safetensors             the collaborative encoder, when the collab modality was built (the
-                                   SASRec reference row; also model.user_state's SASRec)
+                                   SASRec reference row; also model.user_state's and model.sasrec_fusion's SASRec)
     sasrec_features.safetensors    with features.sasrec_holdout > 0: the collab encoder (trained without each
                                    user's last training transitions), which model.user_state then reads
+    sasrec_fusion.json             with model.sasrec_fusion=auto: the fusion weight picked on validation after
+                                   training, and every weight's validation metrics
     metrics.jsonl                  training/eval log, one JSON object per line
     checkpoints/step-<8 digits>/ + aliases final, best, stage<i>   (speeder_fast.checkpoint format:
                                    MANIFEST.json, trainable.safetensors, optimizer, rng, trainer_state.json;
@@ -123,6 +125,9 @@ class Components:
     #: ``model.precision`` the trained weights come from (:func:`load_run`; ``cfg.model.precision``
     #: differs when a run is served at another precision); "" for components built for training
     trained_precision: str = ""
+    #: the SASRec fusion of the model (:func:`speeder_fast.training.fusion.attach_fusion`: weight, source,
+    #: and the validation grid when tuned); None without one
+    fusion_info: dict | None = None
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -437,14 +442,19 @@ def added_embedding_rows(comp: Components) -> dict[str, torch.Tensor]:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None = None,
-             prepared: PreparedData | None = None, precision: str | None = None) -> Components:
+             prepared: PreparedData | None = None, precision: str | None = None,
+             sasrec_fusion: str | None = None) -> Components:
     """Rebuild a trained run's components from its folder (config, features, trainable weights).
 
     ``precision`` (``fp32`` | ``bf16`` | ``nf4``, :data:`speeder_fast.config.PRECISIONS`) serves the
     run at another ``model.precision`` than it was trained at: the base model is loaded at that
     precision and the trained weights are cast to it (e.g. bf16 inference of an fp32 run on a CPU
     with AVX512-BF16/AMX). None keeps the run's. Raises ConfigError (a ValueError) when the precision
-    is unknown or cannot run here, from the config's own validation."""
+    is unknown or cannot run here, from the config's own validation. With ``model.sasrec_fusion`` the
+    model scores fused with the run's SASRec (:func:`speeder_fast.training.fusion.attach_fusion`: a
+    missing ``sasrec.safetensors``, or ``sasrec_fusion.json`` for ``auto``, raises FileNotFoundError);
+    ``sasrec_fusion`` (``off`` | ``auto`` | a weight) overrides it, ``auto`` then picking the weight on the
+    validation split now without writing it to the run folder."""
     from speeder_fast.checkpoint import refuse_checkpoint_dir
 
     run_dir = Path(run_dir)
@@ -478,6 +488,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
                             user_encoder=user_encoder)
     load_weights(comp, loaded)
     comp.trained_precision = trained_precision
+    if cfg.model.sasrec_fusion != "off" or sasrec_fusion is not None:  # scoring-time fusion with RUN/sasrec.safetensors
+        from speeder_fast.training.fusion import attach_fusion
+
+        comp.fusion_info = attach_fusion(comp, run_dir, spec=sasrec_fusion)
     return comp
 
 
