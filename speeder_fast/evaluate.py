@@ -548,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
                                 args.device, compile_mode=args.compile, constrained=onoff[args.constrained],
                                 prefix_cache=onoff[args.prefix_cache], precision=args.precision,
                                 sasrec_fusion=args.sasrec_fusion)
+        if result.get("mode") == "item":
+            from speeder_fast.training.fusion import fusion_line
+
+            print(fusion_line(result.get("sasrec_fusion")))
         print(md)
         print(written_line(result, args.run))
         return 0

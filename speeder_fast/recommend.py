@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="serve the run at this model.precision instead of the one it was trained at (bf16 ranks "
                          "about 1.5x faster on CPUs with AVX512-BF16/AMX, docs/fastpath.md); default: the run's")
+    ap.add_argument("--sasrec-fusion", default=None, metavar="off|auto|W",
+                    help="item mode: rank by the scores fused with the run's SASRec, log_softmax(head) + W x "
+                         "log_softmax(SASRec) (off, auto = W picked on the validation split now, or a weight W >= 0); "
+                         "default: model.sasrec_fusion of the run (off unless set)")
     args = ap.parse_args(argv)
 
     def body() -> int:
@@ -254,8 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         from speeder_fast.evaluate import run_checkpoint
         from speeder_fast.training.run import load_run
 
+        if args.sasrec_fusion is not None:
+            from speeder_fast.training.fusion import parse_fusion_spec
+
+            parse_fusion_spec(args.sasrec_fusion)  # a bad value fails before the model loads
         comp = load_run(args.run, checkpoint=args.checkpoint or run_checkpoint(args.run), device=args.device,
-                        precision=args.precision)  # train.packing applied (one log line)
+                        precision=args.precision, sasrec_fusion=args.sasrec_fusion)  # train.packing applied (one log line)
+        if comp.builder.item_mode:
+            from speeder_fast.training.fusion import fusion_line
+
+            log.info(fusion_line(comp.fusion_info))
         if args.prefix_cache is not None:
             comp.model.prefix_cache = args.prefix_cache == "on"
         ds = comp.prepared.dataset

@@ -199,7 +199,19 @@ def test_fusion_run_tunes_on_validation_writes_the_weight_and_reloads(llm_dir, t
     assert w3["sasrec_fusion_weight"] == 3.0 and (run / f"{w3['report']}.json").is_file()
     assert json.loads((run / FUSION_FILE).read_text()) == info  # overrides never rewrite the run's weight
     capsys.readouterr()
+    assert evaluate_main(["--run", str(run), "--sasrec-fusion", "2"]) == 0
+    assert "SASRec fusion: weight 2 (fixed)" in capsys.readouterr().out  # the CLI says what it scored
     assert evaluate_main(["--run", str(run), "--sasrec-fusion", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--sasrec-fusion" in err and "Traceback" not in err
+    from speeder_fast.recommend import main as recommend_main
+
+    recs = tmp_path / "recs.jsonl"
+    assert recommend_main(["--run", str(run), "--users", "all", "--top-k", "2", "--sasrec-fusion", "1",
+                           "--out", str(recs)]) == 0
+    got = [json.loads(ln) for ln in recs.read_text().splitlines()]
+    assert len(got) == comp.prepared.dataset.n_users and all(r["recommendations"][0]["score"] < 0 for r in got)
+    assert recommend_main(["--run", str(run), "--users", "all", "--sasrec-fusion", "often"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "--sasrec-fusion" in err and "Traceback" not in err
     (run / FUSION_FILE).unlink()
@@ -229,3 +241,20 @@ def test_gpu_fused_scores_equal_the_cpu_model(llm_dir):
                               pad_id=builder.pad_id)(evc).cpu()
     for other in (got, static):
         torch.testing.assert_close(other, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_fusion_of_a_label_run_or_a_bad_value_is_a_usage_error(tmp_path):
+    from types import SimpleNamespace
+
+    from speeder_fast.errors import UsageError
+    from speeder_fast.training.fusion import attach_fusion, parse_fusion_spec
+
+    assert parse_fusion_spec("off") is None and parse_fusion_spec("auto") is None and parse_fusion_spec("0.5") == 0.5
+    for bad in ("-1", "nan", "sometimes", ""):
+        with pytest.raises(UsageError, match="--sasrec-fusion"):
+            parse_fusion_spec(bad)
+    label_run = SimpleNamespace(cfg=load_config(None, ["prompt.answer_mode=score"]), device="cpu",
+                                model=SimpleNamespace(item_head=None, mome=None, fusion=None))
+    assert attach_fusion(label_run, tmp_path, spec="off") is None
+    with pytest.raises(UsageError, match="item-mode"):
+        attach_fusion(label_run, tmp_path, spec="1")

@@ -121,6 +121,15 @@ def parse_fusion_spec(spec: str) -> float | None:
     return w
 
 
+def fusion_line(info: dict[str, Any] | None) -> str:
+    """One line saying how a loaded run scores: the SASRec fusion weight and where it came from, or off."""
+    if info is None:
+        return "SASRec fusion: off (the next-item head alone)"
+    if "grid" in info:
+        return fusion_weight_line(info)
+    return f"SASRec fusion: weight {info['weight']:g} ({info['source']})"
+
+
 def fusion_weight_line(info: dict[str, Any]) -> str:
     """One log line: the picked weight and its validation metric against the head alone (weight 0)."""
     by_w = {row["weight"]: row for row in info["grid"]}
@@ -153,10 +162,13 @@ def attach_fusion(comp: Any, run_dir: str | Path, tune: bool = False, progress: 
     Raises:
         FileNotFoundError: ``RUN/sasrec.safetensors`` is missing; ``auto`` without ``tune`` and without
             ``RUN/sasrec_fusion.json``.
-        UsageError: a ``spec`` that is none of off / auto / a non-negative number.
+        UsageError: a ``spec`` that is none of off / auto / a non-negative number; a run that is not
+            item mode.
+        CheckpointError: the SASRec's catalogue is not the run's.
     """
     import json
 
+    from speeder_fast.errors import CheckpointError, UsageError
     from speeder_fast.features.sasrec import load_sasrec
     from speeder_fast.model.fusion import SasrecFusion
     from speeder_fast.training.run import SASREC_FILE
@@ -175,14 +187,14 @@ def attach_fusion(comp: Any, run_dir: str | Path, tune: bool = False, progress: 
         model.fusion = None
         return None
     if getattr(model, "item_head", None) is None or model.mome is None:
-        raise ValueError("SASRec fusion scores the whole catalogue: it needs an item-mode run (prompt.answer_mode=item)")
+        raise UsageError("SASRec fusion scores the whole catalogue: it needs an item-mode run (prompt.answer_mode=item)")
     run_dir = Path(run_dir)
     sp = run_dir / SASREC_FILE
     if not sp.is_file():
         raise FileNotFoundError(f"{sp} missing: model.sasrec_fusion reads the run's reference SASRec from it")
     sas = load_sasrec(sp)
     if sas.n_items != model.mome.n_items:
-        raise ValueError(f"{sp}: SASRec has {sas.n_items} items, the run's catalogue {model.mome.n_items}")
+        raise CheckpointError(f"{sp}: SASRec has {sas.n_items} items, the run's catalogue {model.mome.n_items}")
     model.fusion = SasrecFusion(sas).to(comp.device)
     if mode == "fixed":
         model.fusion.set_weight(weight)
