@@ -600,22 +600,20 @@ def validate(cfg: Config) -> None:
                                       or cfg.prompt.paradigm != "speeder"):
         errs.append("model.head_collab_dot needs prompt.answer_mode=item, prompt.paradigm=speeder and the collab "
                     f"modality (got {cfg.prompt.answer_mode}, {cfg.prompt.paradigm}, {cfg.features.modalities})")
-    if cfg.model.user_state == "sasrec":
-        if cfg.prompt.paradigm != "speeder" or "collab" not in cfg.features.modalities:
-            errs.append("model.user_state=sasrec needs prompt.paradigm=speeder and the collab modality in "
-                        f"features.modalities (got paradigm {cfg.prompt.paradigm}, modalities {cfg.features.modalities})")
+    # the features that read the run's SASRec on the prompt's history: its collab modality, its window
+    sasrec_readers = ([("model.user_state=sasrec", False)] if cfg.model.user_state == "sasrec" else []) + (
+        [("model.sasrec_fusion", True)] if cfg.model.sasrec_fusion != "off" else [])
+    for name, item_only in sasrec_readers:
+        if (cfg.prompt.paradigm != "speeder" or "collab" not in cfg.features.modalities
+                or (item_only and cfg.prompt.answer_mode != "item")):
+            errs.append(f"{name} needs prompt.paradigm=speeder{', prompt.answer_mode=item' if item_only else ''} and the "
+                        f"collab modality in features.modalities (got paradigm {cfg.prompt.paradigm}, answer mode "
+                        f"{cfg.prompt.answer_mode}, modalities {cfg.features.modalities})")
         if cfg.data.max_history > USER_STATE_MAX_HISTORY:
-            errs.append(f"model.user_state=sasrec reads at most SASRec's window of {USER_STATE_MAX_HISTORY} items, "
+            errs.append(f"{name} reads at most SASRec's window of {USER_STATE_MAX_HISTORY} items, "
                         f"but data.max_history is {cfg.data.max_history}")
-    if cfg.model.sasrec_fusion != "off" and (cfg.prompt.answer_mode != "item" or cfg.prompt.paradigm != "speeder"
-                                             or "collab" not in cfg.features.modalities):
-        errs.append("model.sasrec_fusion needs prompt.answer_mode=item, prompt.paradigm=speeder and the collab "
-                    f"modality (its SASRec; got {cfg.prompt.answer_mode}, {cfg.prompt.paradigm}, {cfg.features.modalities})")
     if not cfg.model.sasrec_fusion_weight >= 0:
         errs.append(f"model.sasrec_fusion_weight must be >= 0, got {cfg.model.sasrec_fusion_weight}")
-    if cfg.model.sasrec_fusion != "off" and cfg.data.max_history > USER_STATE_MAX_HISTORY:
-        errs.append(f"model.sasrec_fusion reads at most SASRec's window of {USER_STATE_MAX_HISTORY} items, "
-                    f"but data.max_history is {cfg.data.max_history}")
     if cfg.features.sasrec_holdout < 0:
         errs.append(f"features.sasrec_holdout must be >= 0, got {cfg.features.sasrec_holdout}")
     if cfg.data.n_candidates < 2:

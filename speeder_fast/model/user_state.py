@@ -95,15 +95,8 @@ class UserState(nn.Module):
 
     def slot_states(self, slot_item: torch.Tensor, slot_abs: torch.Tensor, rows: torch.Tensor, n_rows: int,
                     token_items: torch.Tensor, k: int) -> torch.Tensor:
-        """SASRec's fp32 state ``[*shape, d]`` at every position of the slot arrays (zero off history slots).
-
-        Args:
-            slot_item: int64 ``[*shape]``, row of the item-token table (``u * k + t``), -1 on text.
-            slot_abs: int64 ``[*shape]``, history index from the oldest (0-based), -1 off history slots.
-            rows: int64 ``[*shape]``, the prompt each position belongs to, in ``0..n_rows-1``.
-            n_rows: number of prompts (host int).
-            token_items: int64 ``[U]``, the item id of each row ``u`` of the item-token table.
-            k: soft tokens per item.
+        """SASRec's fp32 state ``[*shape, d]`` at every position of the slot arrays (zero off history slots);
+        the arguments are those of :func:`histories_from_slots` (without ``max_len``: SASRec's).
 
         Histories longer than SASRec's ``max_len`` keep their first ``max_len`` positions' states
         and get zero states beyond (:func:`speeder_fast.config.validate` rules such configs out).
