@@ -98,8 +98,3 @@ class SasrecFusion(nn.Module):
             h = self.sasrec(seq)  # [n_rows, L, d], right-padded: position n-1 is the newest item
             last = h.gather(1, (n - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1]))[:, 0]
             return F.log_softmax(self.sasrec.score_all(last).float(), -1)
-
-    def fuse(self, head_scores: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
-              rows: torch.Tensor, n_rows: int, token_items: torch.Tensor, k: int) -> torch.Tensor:
-        """:func:`fuse_scores` of ``head_scores [n_rows, n_items]`` with this SASRec at :attr:`weight`."""
-        return fuse_scores(head_scores, self.log_probs(slot_item, slot_abs, rows, n_rows, token_items, k), self.weight)

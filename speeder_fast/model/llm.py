@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from speeder_fast.config import ModelConfig
 from speeder_fast.utils import get_logger
 
-from .fusion import SasrecFusion
+from .fusion import SasrecFusion, fuse_scores
 from .item_head import ItemHead, chunked_softmax_ce, sampled_softmax_ce
 from .loss import answer_token_loss, label_logits
 from .mome import MoME
@@ -595,11 +595,17 @@ class SpeederRecModel(nn.Module):
         fu = self.fusion
         if fu is None or fu.weight <= 0 or self.item_head is None or self.mome is None:
             return scores
+        return fuse_scores(scores, self.fusion_log_probs(slot_item, slot_abs, token_items), fu.weight)
+
+    def fusion_log_probs(self, slot_item: torch.Tensor, slot_abs: torch.Tensor,
+                         token_items: torch.Tensor | None) -> torch.Tensor:
+        """fp32 ``[B, n_items]``: :attr:`fusion`'s SASRec log-softmax after each prompt's newest history
+        item, from the padded ``[B, L]`` slot arrays (``token_items`` as in :meth:`fused_scores`)."""
         B, L = slot_abs.shape
         if token_items is None:
             token_items = torch.arange(self.mome.n_items, device=slot_abs.device)
         rows = torch.arange(B, device=slot_abs.device)[:, None].expand(B, L)
-        return fu.fuse(scores, slot_item, slot_abs, rows, B, token_items, self.mome.k)
+        return self.fusion.log_probs(slot_item, slot_abs, rows, B, token_items, self.mome.k)
 
     def score_inputs(self, input_ids: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,
                      slot_rel: torch.Tensor, item_tokens: torch.Tensor | None, rows: torch.Tensor,

@@ -65,7 +65,6 @@ def tune_fusion_weight(model: Any, builder: Any, prepared: PreparedData, split: 
     idx = select_examples(len(sa), max_examples, seed)
     was_training, saved = model.training, fu.weight
     model.eval()
-    k = model.mome.k
     t0 = time.perf_counter()
     cr: list[list[np.ndarray]] = [[] for _ in ws]
     fr: list[list[np.ndarray]] = [[] for _ in ws]
@@ -77,9 +76,7 @@ def tune_fusion_weight(model: Any, builder: Any, prepared: PreparedData, split: 
             batch = builder.build(sa.histories[rows], sa.lengths[rows], cands[rows], sa.targets[rows],
                                   with_answer=False, padding_side="right").to(device)
             head = model.score(batch).float()
-            B, L = batch.slot_abs.shape
-            prow = torch.arange(B, device=head.device)[:, None].expand(B, L)
-            lp = fu.log_probs(batch.slot_item, batch.slot_abs, prow, B, batch.unique_items, k)
+            lp = model.fusion_log_probs(batch.slot_item, batch.slot_abs, batch.unique_items)
             hist = split_histories(prepared, split, rows)
             for j, w in enumerate(ws):
                 r, f = ranks_from_scores(fuse_scores(head, lp, w), cands[rows], sa.targets[rows], hist)
