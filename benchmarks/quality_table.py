@@ -44,6 +44,10 @@ MIXTURE = ["model.head_keys=mixture", "train.item_modality_loss=0"]
 #: the adapter lr multiplier before 1x became the default (second session of 2026-12-01)
 LR5 = ["train.adapter_lr_scale=5"]
 RECIPE = ["train.batch_size=16", "model.lora_dropout=0.0", "features.text_encoder=minilm", "eval.max_examples=200"]
+#: the recipe before cross-fitting and fusion became the quick preset's (fifth session of 2026-12-01):
+#: every row that does not choose them runs without them, so each row still means what was measured
+#: (on datasets without the quick preset these are the defaults anyway)
+PRE_CROSSFIT = ["features.sasrec_crossfit=0", "model.sasrec_fusion=off"]
 
 #: per dataset: the source, the preset, the shared settings and the step budget of the main rows
 DATASETS: dict[str, dict] = {
@@ -62,8 +66,10 @@ DATASETS: dict[str, dict] = {
 def rows_for(steps: int) -> dict[str, list[str]]:
     """Row name -> ``--set`` overrides (on top of the dataset settings and :data:`RECIPE`).
 
-    ``speeder-item`` is the recipe: the defaults (text + collab in one stage, late-fusion head with
-    the per-modality loss, adapter lr 1x). Rows measured under an earlier default pin what they ran
+    ``speeder-item-crossfit-fusion`` is the recipe (the quick preset since the fifth session of
+    2026-12-01): ``speeder-item`` (text + collab in one stage, late-fusion head with the per-modality
+    loss, adapter lr 1x) with cross-fitted collab features and SASRec score fusion. Every row runs
+    after :data:`PRE_CROSSFIT`, so rows that do not choose those two run without them. Rows measured under an earlier default pin what they ran
     with, so each row still means what was measured: the mixture head (:data:`MIXTURE`, the default
     until 2026-12-01; those rows change one thing from ``speeder-item-mixture``) and the 5x adapter
     lr (:data:`LR5`, the default until the second 2026-12-01 session; the ``-lf`` rows pinned to it
@@ -106,6 +112,11 @@ def rows_for(steps: int) -> dict[str, list[str]]:
             "data.last_window_only=true", "features.sasrec_holdout=1", "model.sasrec_fusion=auto",
             "train.item_all_positions=false", last2],
         "speeder-item-fusion": speeder + ["model.sasrec_fusion=auto", joint],
+        # cross-fitted collab features (4 user folds, each training batch reads the SASRec blind to its users),
+        # every position trained, as the default; without and with score fusion
+        "speeder-item-crossfit": speeder + ["features.sasrec_crossfit=4", joint],
+        "speeder-item-crossfit-fusion": speeder + ["features.sasrec_crossfit=4", "model.sasrec_fusion=auto", joint],
+        "speeder-item-crossfit-fusion-2ep": speeder + ["features.sasrec_crossfit=4", "model.sasrec_fusion=auto", last2],
         # every position of each user's last window held out of the collab encoder (holdout = max_history)
         "speeder-item-holdout-window-fusion": speeder + [
             "data.last_window_only=true", "features.sasrec_holdout=10", "model.sasrec_fusion=auto", last2],
@@ -232,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [run_row(n, RECIPE + ds["sets"] + rows[n] + args.sets, ds["source"], out, args.force, ds["preset"])
-               for n in names]
+    records = [run_row(n, RECIPE + ds["sets"] + PRE_CROSSFIT + rows[n] + args.sets, ds["source"], out, args.force,
+                       ds["preset"]) for n in names]
     import torch
 
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {platform.node()}"

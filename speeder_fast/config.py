@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -128,6 +129,13 @@ class FeatureConfig:
                              "unseen by the collab item table (it remembers the ones it trained on; "
                              "benchmarks/sasrec_leakage_check.py); the SASRec reference row is still trained on "
                              "sequence[:-2]; 0 = off (one SASRec for both)")
+    sasrec_crossfit: int = _f(0, "K >= 2: cross-fitted collab features for training. Users are split into K seeded "
+                              "folds, one SASRec per fold trains on the other folds' sequences, each is aligned to the "
+                              "reference SASRec's item table (orthogonal Procrustes), and every batch (one fold) "
+                              "reads the table that never saw its users, in training and in scoring (validation, "
+                              "test, recommend), so no target the LLM trains on was seen by its collab features; "
+                              "the reference SASRec still gives the reference row and model.sasrec_fusion; "
+                              "item mode only; 0 = off")
     store_dtype: str = _f("float16", "feature store dtype: float16 or float32")
 
 
@@ -456,6 +464,7 @@ RUN_KEYS_ADDED: dict[tuple[str, str], Any] = {
     ("model", "sasrec_fusion_weight"): 0.5,
     ("data", "last_window_only"): False,
     ("features", "sasrec_holdout"): 0,
+    ("features", "sasrec_crossfit"): 0,
 }
 
 
@@ -515,11 +524,16 @@ PRESETS: dict[str, list[str]] = {
     # training window (all-position next-item loss), the next-item head (answer_mode=item), MiniLM
     # item text + SASRec (20 epochs) item vectors, one text+collab stage of 150 steps x 16 at lr 1e-3
     # (LoRA dropout off: its CPU RNG costs ~25% of a step), validation on 100 users at the stage end,
-    # 200 test users evaluated (20 persisted candidates + the full catalogue)
+    # 200 test users evaluated (20 persisted candidates + the full catalogue). The one recipe for every
+    # dataset (docs/speeder.md, "Cross-fitted collab features"): collab features cross-fitted over 4
+    # user folds and the scores fused with SASRec (weight picked on validation); both are left off for
+    # runs that cannot use them (another paradigm, a label head: resolve())
     "quick": [
         "data.max_users=300",
         "data.max_train_examples=0",
         "features.sasrec_epochs=20",
+        "features.sasrec_crossfit=4",
+        "model.sasrec_fusion=auto",
         "features.text_encoder=minilm",
         'train.stages=[{"modalities": ["text", "collab"], "max_steps": 150, "lr": 1e-3}]',
         "train.batch_size=16",
@@ -558,15 +572,60 @@ def resolve(preset: str | None = None, toml: str | Path | None = None, sets: Seq
     cfg = Config()
     for s in PRESETS[name]:
         set_override(cfg, s)
+    from_preset = {k: _get(cfg, k) for k in SPEEDER_ITEM_ONLY}
     if toml:
-        _apply(cfg, read_toml(toml))
+        raw = read_toml(toml)
+        _apply(cfg, raw)
+        for k in SPEEDER_ITEM_ONLY:
+            section, key = k.split(".")
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                from_preset.pop(k, None)  # chosen by the file
     for s in sets:
         set_override(cfg, s)
+        from_preset.pop(s.split("=", 1)[0].strip(), None)  # chosen by --set
     normalise_stages(cfg)
     if cfg.prompt.paradigm != "speeder" and len(cfg.train.stages) > 1:
         cfg.train.stages = cfg.train.stages[:1]
+    _drop_inapplicable_preset_keys(cfg, from_preset)
     validate(cfg)
     return cfg
+
+
+#: preset keys that only apply to some runs: a preset's value the file and ``--set`` left alone is
+#: turned off where the resolved run cannot use it (see :func:`_inapplicable`), instead of failing
+SPEEDER_ITEM_ONLY = ("features.sasrec_crossfit", "model.sasrec_fusion")
+
+
+def _inapplicable(cfg: Config, key: str) -> str:
+    """Why ``key`` (of :data:`SPEEDER_ITEM_ONLY`) cannot apply to ``cfg`` ("" when it can)."""
+    if cfg.prompt.paradigm != "speeder" or cfg.prompt.answer_mode != "item" or "collab" not in cfg.features.modalities:
+        return "it needs speeder prompts, answer_mode=item and the collab modality"
+    if key == "features.sasrec_crossfit":
+        for name, on in (("features.sasrec_holdout", cfg.features.sasrec_holdout > 0),
+                         ("model.user_state=sasrec", cfg.model.user_state == "sasrec"),
+                         ("model.head_collab_dot", cfg.model.head_collab_dot),
+                         ("train.max_tokens_per_batch", cfg.train.max_tokens_per_batch > 0)):
+            if on:
+                return f"the run sets {name}"
+    if key == "model.sasrec_fusion" and cfg.data.max_history > USER_STATE_MAX_HISTORY:
+        return f"data.max_history > {USER_STATE_MAX_HISTORY}"
+    return ""
+
+
+def _drop_inapplicable_preset_keys(cfg: Config, from_preset: dict[str, Any]) -> None:
+    """Turn off (to the :class:`Config` default) each :data:`SPEEDER_ITEM_ONLY` value in ``from_preset``
+    (the preset's values of the keys neither the file nor ``--set`` named) that cannot apply to the
+    resolved run (e.g. the ``quick`` preset's cross-fitting with ``--paradigm titles``); a value
+    chosen explicitly still fails :func:`validate` with its reason."""
+    default = Config()
+    for key, value in from_preset.items():
+        if value == _get(default, key):
+            continue
+        why = _inapplicable(cfg, key)
+        if why:
+            section, field_name = key.split(".")
+            setattr(getattr(cfg, section), field_name, _get(default, key))
+            logging.getLogger("speeder_fast.config").info("preset setting %s=%s left off: %s", key, value, why)
 
 
 def validate(cfg: Config) -> None:
@@ -616,6 +675,22 @@ def validate(cfg: Config) -> None:
         errs.append(f"model.sasrec_fusion_weight must be >= 0, got {cfg.model.sasrec_fusion_weight}")
     if cfg.features.sasrec_holdout < 0:
         errs.append(f"features.sasrec_holdout must be >= 0, got {cfg.features.sasrec_holdout}")
+    K = cfg.features.sasrec_crossfit
+    if K == 1 or K < 0:
+        errs.append(f"features.sasrec_crossfit must be 0 (off) or >= 2 folds, got {K}")
+    elif K >= 2:
+        if (cfg.prompt.paradigm != "speeder" or cfg.prompt.answer_mode != "item"
+                or "collab" not in cfg.features.modalities):
+            errs.append("features.sasrec_crossfit needs prompt.paradigm=speeder, prompt.answer_mode=item and the "
+                        f"collab modality (got {cfg.prompt.paradigm}, {cfg.prompt.answer_mode}, "
+                        f"{cfg.features.modalities})")
+        clash = [name for name, on in (("features.sasrec_holdout", cfg.features.sasrec_holdout > 0),
+                                       ("model.user_state=sasrec", cfg.model.user_state == "sasrec"),
+                                       ("model.head_collab_dot", cfg.model.head_collab_dot),
+                                       ("train.max_tokens_per_batch", cfg.train.max_tokens_per_batch > 0)) if on]
+        if clash:
+            errs.append(f"features.sasrec_crossfit cannot be combined with {', '.join(clash)} (they read one "
+                        "collab table for every training example, or plan batches across folds)")
     if cfg.data.n_candidates < 2:
         errs.append("data.n_candidates must be >= 2")
     if cfg.model.n_item_tokens < 1:

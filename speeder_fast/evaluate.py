@@ -146,7 +146,9 @@ def evaluate_split(
 
     Under ``torchrun`` every rank must call it: each scores a contiguous shard of the selected
     examples (:func:`~speeder_fast.distributed.shard_indices_for_eval`) and the per-example results
-    are gathered in the original order, so every rank returns the metrics over all examples.
+    are gathered, so every rank returns the metrics over all examples. A cross-fitted model
+    (``features.sasrec_crossfit``) scores each user through its own collab fold
+    (:func:`~speeder_fast.features.crossfit.fold_batches`).
     """
     from tqdm.auto import tqdm
 
@@ -177,13 +179,18 @@ def evaluate_split(
     correct, valid, ranks, fulls, ptoks, hlen, texts, decoded = [], [], [], [], [], [], [], []
     ties = 0
     prefix_tokens = 0
-    bar = tqdm(range(0, len(idx), batch_size), desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)
-    for s in bar:
-        rows = idx[s : s + batch_size]
+    from speeder_fast.features.crossfit import fold_batches, row_folds
+
+    # cross-fitted runs: one collab fold per batch, each user read through the table blind to them
+    # (the metrics are means over examples, so the order within the split does not matter)
+    plan = fold_batches(idx, row_folds(model, sa.users[idx]), batch_size)
+    bar = tqdm(plan, desc=f"eval {split}/{mode}", unit="batch", disable=not progress, leave=False)
+    for rows, fold in bar:
         batch = builder.build(
             sa.histories[rows], sa.lengths[rows], cands[rows], sa.targets[rows], with_answer=False,
             padding_side="left" if mode == "generate" else "right",
         )
+        batch.fold = fold
         ptoks.append(batch.prompt_tokens.numpy())
         hlen.append(batch.history_lengths.numpy())
         if getattr(model, "prefix_cache", False) and batch.prefix:

@@ -172,10 +172,15 @@ def recommend(comp: Any, users: list[tuple[int | None, str, int]], top_k: int = 
     # users in order of history length, so that a batch pads to similar lengths (the records still
     # come out in the order of ``users``)
     order = np.argsort(lens, kind="stable")
+    from speeder_fast.features.crossfit import fold_batches, row_folds
+
+    # cross-fitted runs: one collab fold per batch, each user read through the table blind to them
+    folds = row_folds(model, np.asarray([-1 if u is None else u for _, _, u in users], np.int64)[order])
     out: list[dict | None] = [None] * len(users)
-    for s in tqdm(range(0, len(users), batch_size), desc="recommend", unit="batch", disable=not progress, leave=False):
-        idx = order[s: s + batch_size]
+    for idx, fold in tqdm(fold_batches(order, folds, batch_size), desc="recommend", unit="batch",
+                          disable=not progress, leave=False):
         batch = builder.build(hist[idx], lens[idx], None if cands is None else cands[idx], None, with_answer=False)
+        batch.fold = fold
         scores = score_fn(batch.to(comp.device)).float().cpu()
         if builder.item_mode:
             if cands is None:  # the whole catalogue, the user's own items excluded

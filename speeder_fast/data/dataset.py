@@ -144,6 +144,35 @@ class PreparedData:
                                    valid_candidates=valid.targets[:, None].copy(),
                                    test_candidates=test.targets[:, None].copy())
 
+    def without_users(self, drop: np.ndarray) -> "PreparedData":
+        """This data without the users where ``drop`` (bool ``[n_users]``) is True: same item catalogue
+        (ids unchanged), fewer users, re-split leave-one-out (their training prefixes are
+        ``sequences[u][:-2]``, as here). For a collaborative encoder that must not have trained on any
+        of those users' transitions (one fold of ``features.sasrec_crossfit``). Candidate sets are each
+        row's target alone (``[n_rows, 1]``), as in :meth:`without_last`.
+
+        Raises:
+            ValueError: ``drop`` is not ``[n_users]``, or it drops every user.
+        """
+        import dataclasses
+
+        from speeder_fast.data.splits import leave_one_out
+
+        ds = self.dataset
+        drop = np.asarray(drop, dtype=bool)
+        if drop.shape != (ds.n_users,):
+            raise ValueError(f"without_users: drop must be bool [{ds.n_users}], got shape {drop.shape}")
+        keep = np.flatnonzero(~drop)
+        if keep.size == 0:
+            raise ValueError("without_users: every user is dropped")
+        kept = dataclasses.replace(ds, user_ids=[ds.user_ids[u] for u in keep],
+                                   sequences=[ds.sequences[u] for u in keep])
+        flat, offsets = kept.flat()
+        train, valid, test = leave_one_out(flat, offsets, self.train.histories.shape[1])
+        return dataclasses.replace(self, dataset=kept, train=train, valid=valid, test=test,
+                                   valid_candidates=valid.targets[:, None].copy(),
+                                   test_candidates=test.targets[:, None].copy())
+
     def stats(self) -> dict:
         """Users, items, interactions, density, sequence lengths, split sizes, text coverage
         (see :func:`speeder_fast.data.stats.compute_stats`; ``format_stats`` prints it)."""

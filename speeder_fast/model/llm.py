@@ -536,7 +536,20 @@ class SpeederRecModel(nn.Module):
         * ``label_loss`` (score mode): cross-entropy over the ``N`` candidate label logits at the
           answer position (exactly what :meth:`score` ranks);
         * otherwise the full-vocabulary cross-entropy over the answer tokens.
+
+        A batch with a ``fold`` (cross-fitting) reads that fold's collab table (:meth:`MoME.using_fold`).
         """
+        with self.fold_scope(batch.fold):  # cross-fitting: this batch's collab table
+            return self._forward(batch, label_loss)
+
+    def fold_scope(self, fold: int | None) -> Any:
+        """Context in which the MoME reads collab fold ``fold``'s table (:meth:`MoME.using_fold`;
+        cross-fitting, ``features.sasrec_crossfit``); a no-op for None or a model without a MoME."""
+        if fold is None or self.mome is None:
+            return contextlib.nullcontext()
+        return self.mome.using_fold(fold)
+
+    def _forward(self, batch: PromptBatch, label_loss: bool) -> torch.Tensor:
         packed = self.uses_packing(batch)
         h = self.hidden_states(batch)
         if self.item_head is not None:
@@ -578,11 +591,13 @@ class SpeederRecModel(nn.Module):
 
         One decoder forward per batch; the head is applied at the answer position only (and only
         for the label tokens in score mode). In eval mode under ``no_grad`` the MRC item tokens come
-        from the cached catalogue (:meth:`MoME.encode_catalog`, computed once).
+        from the cached catalogue (:meth:`MoME.encode_catalog`, computed once). A batch with a ``fold``
+        (cross-fitting) reads that fold's collab table.
         """
-        h = self.hidden_states(batch)
-        rows = self.answer_rows(batch, self.uses_packing(batch))
-        out = self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), batch.label_token_ids)
+        with self.fold_scope(batch.fold):
+            h = self.hidden_states(batch)
+            rows = self.answer_rows(batch, self.uses_packing(batch))
+            out = self.answer_scores(h.reshape(-1, h.shape[-1]).index_select(0, rows), batch.label_token_ids)
         return self.fused_scores(out, batch.slot_item, batch.slot_abs, batch.unique_items)
 
     def fused_scores(self, scores: torch.Tensor, slot_item: torch.Tensor, slot_abs: torch.Tensor,

@@ -20,11 +20,17 @@ through :func:`speeder_fast.kernels.mome_combine` (Triton on CUDA, torch referen
 
 Features are fixed buffers (not trained, not saved with checkpoints); only experts, gate and
 output LayerNorm are parameters.
+
+Cross-fitting (``features.sasrec_crossfit``, :mod:`speeder_fast.features.crossfit`): with
+:meth:`MoME.set_collab_folds` the MoME also holds one collab table per fold, and inside
+:meth:`MoME.using_fold` every encoding reads that fold's table and presence mask instead of the
+reference one (training batches of one fold); outside it, the reference table as always.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -106,9 +112,68 @@ class MoME(nn.Module):
         nn.init.zeros_(self.gate.bias)
         self.ln_weight = nn.Parameter(torch.full((hidden_size,), float(token_rms)))
         self.ln_bias = nn.Parameter(torch.zeros(hidden_size))
-        self._catalog: torch.Tensor | None = None
-        self._expert_catalog: torch.Tensor | None = None
+        # cached catalogue tensors, per collab fold (None = the reference table)
+        self._catalog: dict[int | None, torch.Tensor] = {}
+        self._expert_catalog: dict[int | None, torch.Tensor] = {}
         self.kernels_force = kernels_force
+        self.n_folds = 0  # cross-fitted collab tables (set_collab_folds)
+        self.fold: int | None = None  # the fold whose collab table encodings read (using_fold)
+        #: each user's collab fold (int64 [n_users]), whose table scores that user (set_collab_folds)
+        self.user_folds = None
+
+    # ------------------------------------------------------------------ cross-fitting
+    def set_collab_folds(self, tables: list[tuple[torch.Tensor, torch.Tensor]], user_folds=None) -> None:
+        """Hold ``K`` cross-fitted collab tables (``[(features [n_items, d_collab], present [n_items]
+        bool), ...]``, already in the reference table's space), for :meth:`using_fold`, and each
+        user's fold (int ``[n_users]`` in ``0..K-1``; :attr:`user_folds`, read by the scoring loops).
+        Buffers, not saved with checkpoints (``RUN/collab_folds.safetensors`` keeps them).
+
+        Raises:
+            ValueError: no collab modality, a table of another shape, or a user fold outside ``0..K-1``.
+        """
+        if "collab" not in self.modalities:
+            raise ValueError("set_collab_folds: this MoME has no collab modality")
+        ref = self.features_of("collab")
+        j = self.modalities.index("collab")
+        feats, pres = [], []
+        for i, (x, mask) in enumerate(tables):
+            if tuple(x.shape) != tuple(ref.shape):
+                raise ValueError(f"collab fold {i}: shape {tuple(x.shape)}, expected {tuple(ref.shape)}")
+            mask = mask.to(torch.bool).reshape(-1).to(ref.device)
+            feats.append(_standardize(x.to(ref.device)) * mask.unsqueeze(-1))
+            p = self.present.clone()
+            p[:, j] = mask
+            pres.append(p)
+        if user_folds is not None:
+            import numpy as np
+
+            user_folds = np.asarray(user_folds, dtype=np.int64)
+            if user_folds.size and (user_folds.min() < 0 or user_folds.max() >= len(tables)):
+                raise ValueError(f"user folds must be in 0..{len(tables) - 1}")
+        self.register_buffer("feat_collab_folds", torch.stack(feats), persistent=False)  # [K, n_items, d]
+        self.register_buffer("present_folds", torch.stack(pres), persistent=False)  # [K, n_items, M]
+        self.n_folds = len(tables)
+        self.user_folds = user_folds
+        self.clear_cache()
+
+    @contextlib.contextmanager
+    def using_fold(self, fold: int | None) -> Iterator[None]:
+        """Encodings inside read collab fold ``fold``'s table (None: the reference table).
+
+        Raises:
+            ValueError: ``fold`` is not in ``0..K-1`` for the ``K`` tables of :meth:`set_collab_folds`.
+        """
+        if fold is not None and not 0 <= int(fold) < self.n_folds:
+            raise ValueError(f"collab fold {fold}: this MoME holds {self.n_folds} cross-fitted tables")
+        prev, self.fold = self.fold, (None if fold is None else int(fold))
+        try:
+            yield
+        finally:
+            self.fold = prev
+
+    def _present(self) -> torch.Tensor:
+        """``[n_items, M]`` presence of each modality (the current fold's collab mask inside :meth:`using_fold`)."""
+        return self.present if self.fold is None else self.present_folds[self.fold]
 
     # ------------------------------------------------------------------ stage control
     def set_active(self, modalities: Iterable[str]) -> None:
@@ -125,8 +190,8 @@ class MoME(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop the cached catalogue tensors (:meth:`encode_catalog`, :meth:`expert_catalog`)."""
-        self._catalog = None
-        self._expert_catalog = None
+        self._catalog = {}
+        self._expert_catalog = {}
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         self.clear_cache()
@@ -134,6 +199,10 @@ class MoME(nn.Module):
 
     # ------------------------------------------------------------------ encoding
     def features_of(self, m: str) -> torch.Tensor:
+        """Standardised features ``[n_items, d_m]`` of modality ``m`` (the current fold's collab table
+        inside :meth:`using_fold`)."""
+        if m == "collab" and self.fold is not None:
+            return self.feat_collab_folds[self.fold]
         return getattr(self, f"feat_{m}")
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
@@ -151,7 +220,7 @@ class MoME(nn.Module):
                 outs.append(x.new_zeros(U, k, H))
         expert_out = torch.stack(outs, 1)  # [U, M, k, H]
         gate = self.gate(torch.cat(feats, 1)).view(U, M, -1)  # [U, M, G]
-        mask = self.present[items] & self.active_mask  # [U, M]
+        mask = self._present()[items] & self.active_mask  # [U, M]
         if self.training and self.modality_dropout > 0 and M > 1:
             kept = mask & (torch.rand(mask.shape, device=mask.device) >= self.modality_dropout)
             mask = torch.where(kept.any(1, keepdim=True), kept, mask)
@@ -159,10 +228,11 @@ class MoME(nn.Module):
 
     @torch.no_grad()
     def encode_catalog(self, chunk: int = 4096) -> torch.Tensor:
-        """Soft tokens of every item [n_items, k, H], cached until the next ``train()``/stage change."""
-        if self._catalog is None:
-            self._catalog = self._over_catalog(self.encode, chunk)
-        return self._catalog
+        """Soft tokens of every item [n_items, k, H], cached until the next ``train()``/stage change
+        (one cache per collab fold: inside :meth:`using_fold`, that fold's)."""
+        if self.fold not in self._catalog:
+            self._catalog[self.fold] = self._over_catalog(self.encode, chunk)
+        return self._catalog[self.fold]
 
     def _over_catalog(self, fn, chunk: int) -> torch.Tensor:
         """``fn`` applied to every item id, ``chunk`` items at a time, concatenated along dim 0."""
@@ -178,7 +248,7 @@ class MoME(nn.Module):
         U, M, k, H = items.shape[0], len(self.modalities), self.k, self.hidden_size
         if U == 0:
             return self.ln_bias.new_zeros(0, M, H)
-        mask = (self.present[items] & self.active_mask).float()  # [U, M]
+        mask = (self._present()[items] & self.active_mask).float()  # [U, M]
         outs = []
         for j, m in enumerate(self.modalities):
             if m in self.active:
@@ -190,9 +260,9 @@ class MoME(nn.Module):
     @torch.no_grad()
     def expert_catalog(self, chunk: int = 4096) -> torch.Tensor:
         """:meth:`expert_vectors` of every item ``[n_items, M, H]``, cached like :meth:`encode_catalog`."""
-        if self._expert_catalog is None:
-            self._expert_catalog = self._over_catalog(self.expert_vectors, chunk)
-        return self._expert_catalog
+        if self.fold not in self._expert_catalog:
+            self._expert_catalog[self.fold] = self._over_catalog(self.expert_vectors, chunk)
+        return self._expert_catalog[self.fold]
 
     def parameters_of(self, modalities: Iterable[str]) -> list[nn.Parameter]:
         """Parameters of the experts of ``modalities``."""

@@ -96,6 +96,9 @@ class PromptBatch:
     # token ids every row starts with (its first real tokens; host tuple, ``PromptBuilder.head_ids``):
     # the shared instruction the model may serve from its prefix KV cache; () = none declared
     prefix: tuple[int, ...] = ()
+    # cross-fitting (features.sasrec_crossfit): the collab fold every row of this training batch belongs
+    # to, whose table the MoME reads for it (MoME.using_fold); None = the reference table
+    fold: int | None = None
 
     def to(self, device: torch.device | str) -> "PromptBatch":
         """Move every tensor (and the packed form) to ``device`` (non-blocking)."""

@@ -183,7 +183,12 @@ class StaticScorer:
     @torch.no_grad()
     def __call__(self, batch: Any) -> torch.Tensor:
         """[B, N] float32 label logits of ``batch`` (already on the model's device); a batch larger
-        than ``batch_size`` is scored in chunks of ``batch_size`` rows."""
+        than ``batch_size`` is scored in chunks of ``batch_size`` rows. A batch with a ``fold``
+        (cross-fitting) reads that fold's collab table, as ``model.score`` does."""
+        with self.model.fold_scope(getattr(batch, "fold", None)):
+            return self._call(batch)
+
+    def _call(self, batch: Any) -> torch.Tensor:
         self.model.eval()
         B = int(batch.input_ids.shape[0])
         cat = self.catalog() if batch.unique_items.numel() > 0 else None

@@ -21,7 +21,60 @@ from speeder_fast.utils import get_logger
 
 log = get_logger("speeder_fast.training")
 
-__all__ = ["MicroBatch", "MicroBatches", "plan_token_batches"]
+__all__ = ["FoldBlockedSampler", "MicroBatch", "MicroBatches", "plan_token_batches"]
+
+
+class FoldBlockedSampler(ShardedSampler):
+    """A :class:`ShardedSampler` whose every global batch holds examples of one group (cross-fitting:
+    the collab fold of the example's user, ``features.sasrec_crossfit``).
+
+    Each epoch, each group's examples are shuffled and cut into global batches; a group whose size is
+    not a multiple of the global batch fills its last batch by repeating its first examples of the
+    epoch (at most ``global batch - 1`` repeats per group and epoch), and the batches of all groups
+    are then shuffled together. Every batch is full, and the order is a function of
+    ``(seed, epoch, groups, world_size, batch_size)``.
+
+    Args:
+        groups: int ``[n]``, each example's group (``>= 0``).
+        the rest: as :class:`ShardedSampler` (``drop_last`` is not supported: no batch is short).
+
+    Raises:
+        ValueError: ``groups`` is not ``[n]`` non-negative ints.
+    """
+
+    def __init__(self, groups: np.ndarray, world_size: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, epoch: int = 0, batch_size: int = 1) -> None:
+        groups = np.asarray(groups)
+        if groups.ndim != 1 or (groups.size and (groups.min() < 0 or not np.issubdtype(groups.dtype, np.integer))):
+            raise ValueError("FoldBlockedSampler: groups must be a 1-d array of non-negative ints")
+        super().__init__(len(groups), world_size, rank, shuffle, seed, epoch, False, batch_size)
+        self.groups = groups.astype(np.int64)
+        self._sizes = np.bincount(self.groups) if groups.size else np.zeros(0, np.int64)
+
+    @property
+    def num_steps(self) -> int:
+        gb = self.global_batch
+        return int(sum(math.ceil(int(c) / gb) for c in self._sizes))
+
+    def permutation(self) -> np.ndarray:
+        gb = self.global_batch
+        rng = np.random.default_rng([self.seed, self.epoch, 0xF01D])
+        chunks = []
+        for g in range(len(self._sizes)):
+            rows = np.flatnonzero(self.groups == g)
+            if rows.size == 0:
+                continue
+            if self.shuffle:
+                rows = rows[rng.permutation(rows.size)]
+            pad = -rows.size % gb
+            rows = np.concatenate([rows, np.resize(rows, pad)]) if pad else rows
+            chunks.extend(rows.reshape(-1, gb))
+        if self.shuffle:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return self.num_steps * self.batch_size
 
 
 class MicroBatch(NamedTuple):
@@ -127,8 +180,11 @@ class MicroBatches:
             costs every example at the longer of its soft-token and text-only prompt, so the budget
             holds whichever form the draw picks.
 
+    With ``comp.user_folds`` (cross-fitting, ``features.sasrec_crossfit``) the stream is a
+    :class:`FoldBlockedSampler` over the rows' user folds, and every batch carries its ``fold``.
+
     Raises:
-        ValueError: ``max_tokens < 0``.
+        ValueError: ``max_tokens < 0``; ``max_tokens > 0`` with cross-fitting.
     """
 
     def __init__(self, comp: Any, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
@@ -140,8 +196,19 @@ class MicroBatches:
         self.world_size, self.rank = world_size, rank
         self.max_tokens = int(max_tokens)
         self.curriculum = bool(curriculum)
-        self.sampler = ShardedSampler(len(comp.prepared.train), world_size, rank, shuffle=True, seed=seed,
-                                      batch_size=batch_size)
+        #: cross-fitting: each training row's collab fold (its user's); every batch then holds one fold
+        self.row_folds = None
+        user_folds = getattr(comp, "user_folds", None)
+        if user_folds is not None:
+            if self.max_tokens > 0:
+                raise ValueError("cross-fitted batches (features.sasrec_crossfit) are counted in examples: "
+                                 "train.max_tokens_per_batch must be 0")
+            self.row_folds = np.asarray(user_folds)[comp.prepared.train.users]
+            self.sampler = FoldBlockedSampler(self.row_folds, world_size, rank, shuffle=True, seed=seed,
+                                              batch_size=batch_size)
+        else:
+            self.sampler = ShardedSampler(len(comp.prepared.train), world_size, rank, shuffle=True, seed=seed,
+                                          batch_size=batch_size)
         self.epoch = -1
         self.step_in_epoch = 0
         self.cands: np.ndarray | None = None
@@ -274,6 +341,8 @@ class MicroBatches:
         cands = None if self.cands is None else self.cands[rows]
         batch = self.comp.builder.build(tr.histories[rows], tr.lengths[rows], cands, tr.targets[rows],
                                         with_answer=True, text_only=text_only)
+        if self.row_folds is not None:  # one fold per global batch (FoldBlockedSampler)
+            batch.fold = int(self.row_folds[rows[0]])
         return batch, sb.n_real * sb.loss_scale
 
     def micro_batches(self, n: int, hybrid_share: float = 1.0) -> Iterator[MicroBatch]:

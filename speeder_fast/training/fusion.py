@@ -52,6 +52,7 @@ def tune_fusion_weight(model: Any, builder: Any, prepared: PreparedData, split: 
     from tqdm.auto import tqdm
 
     from speeder_fast.evaluate import ranks_from_scores, select_examples, split_histories, summarize
+    from speeder_fast.features.crossfit import fold_batches, row_folds
     from speeder_fast.model.fusion import FUSION_GRID, fuse_scores
 
     fu = getattr(model, "fusion", None)
@@ -70,11 +71,12 @@ def tune_fusion_weight(model: Any, builder: Any, prepared: PreparedData, split: 
     fr: list[list[np.ndarray]] = [[] for _ in ws]
     try:
         fu.set_weight(0.0)  # model.score = the head alone
-        for s in tqdm(range(0, len(idx), batch_size), desc=f"fusion weight on {split}", unit="batch",
-                      disable=not progress, leave=False):
-            rows = idx[s: s + batch_size]
+        plan = fold_batches(idx, row_folds(model, sa.users[idx]), batch_size)  # cross-fitting: one fold a batch
+        for rows, fold in tqdm(plan, desc=f"fusion weight on {split}", unit="batch", disable=not progress,
+                               leave=False):
             batch = builder.build(sa.histories[rows], sa.lengths[rows], cands[rows], sa.targets[rows],
                                   with_answer=False, padding_side="right").to(device)
+            batch.fold = fold
             head = model.score(batch).float()
             lp = model.fusion_log_probs(batch.slot_item, batch.slot_abs, batch.unique_items)
             hist = split_histories(prepared, split, rows)

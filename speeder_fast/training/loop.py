@@ -55,8 +55,9 @@ from speeder_fast.errors import CheckpointError, DataError, NonFiniteLossError, 
 from speeder_fast.utils import get_logger, seed_everything
 
 from .batches import MicroBatches
-from .run import (FEATURES_FILE, METRICS_FILE, Components, added_embedding_rows, build_components, check_resumable,
-                  cut_metrics_log, export_adapter, load_features, make_run_dir, uses_mome, write_run_files)
+from .run import (COLLAB_FOLDS_FILE, FEATURES_FILE, METRICS_FILE, Components, added_embedding_rows, build_components,
+                  check_resumable, cut_metrics_log, export_adapter, load_collab_folds, load_features, make_run_dir,
+                  uses_mome, write_run_files)
 from .step import StepContext, StepStats, lr_at, prepare_stage, train_step
 
 log = get_logger("speeder_fast.training")
@@ -236,11 +237,13 @@ def start_run(cfg: Config, run_dir: Path | None, progress: bool, prepared: Any, 
         refuse_checkpoint_dir(run_dir, "run folder")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    features = None
+    features = collab_folds = None
     if resume and uses_mome(cfg) and (run_dir / FEATURES_FILE).is_file():
         features = load_features(run_dir / FEATURES_FILE)  # the exact features the run started with
+        if cfg.features.sasrec_crossfit >= 2:  # and the cross-fitted tables it trained with
+            collab_folds = load_collab_folds(run_dir / COLLAB_FOLDS_FILE)
     comp = build_components(cfg, run_dir=run_dir if main else None, progress=progress, prepared=prepared,
-                            device=device_override, features=features)
+                            device=device_override, features=features, collab_folds=collab_folds)
     if main:
         write_run_files(run_dir, comp)
     tc = cfg.train

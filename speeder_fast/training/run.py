@@ -9,6 +9,8 @@ A run folder holds::
                                    SASRec reference row; also model.user_state's and model.sasrec_fusion's SASRec)
     sasrec_features.safetensors    with features.sasrec_holdout > 0: the collab encoder (trained without each
                                    user's last training transitions), which model.user_state then reads
+    collab_folds.safetensors       with features.sasrec_crossfit = K: the K cross-fitted collab tables (aligned to
+                                   the reference SASRec's) and each user's fold (training, resume, evaluate, recommend)
     sasrec_fusion.json             with model.sasrec_fusion=auto: the fusion weight picked on validation after
                                    training, and every weight's validation metrics
     metrics.jsonl                  training/eval log, one JSON object per line
@@ -46,6 +48,10 @@ FEATURES_FILE = "item_features.safetensors"
 SASREC_FILE = "sasrec.safetensors"
 #: the collab encoder when ``features.sasrec_holdout > 0`` (``SASREC_FILE`` is then the reference row's)
 SASREC_FEATURES_FILE = "sasrec_features.safetensors"
+#: the cross-fitted collab tables and user folds (``features.sasrec_crossfit``)
+COLLAB_FOLDS_FILE = "collab_folds.safetensors"
+#: the cross-fitted tables in :func:`compute_features`' info (not serialised there)
+CROSSFIT_KEY = "_crossfit"
 #: the trained SASRec in :func:`compute_features`' info (not serialised)
 SASREC_MODEL_KEY = "_sasrec_model"
 ADDITIONS_FILE = "tokenizer_additions.json"
@@ -128,6 +134,9 @@ class Components:
     #: the SASRec fusion of the model (:func:`speeder_fast.training.fusion.attach_fusion`: weight, source,
     #: and the validation grid when tuned); None without one
     fusion_info: dict | None = None
+    #: cross-fitting (``features.sasrec_crossfit``): each user's collab fold (int64 ``[n_users]``), whose
+    #: table the MoME holds (training batches hold one fold; scoring reads each user's); None without it
+    user_folds: np.ndarray | None = None
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -155,6 +164,32 @@ def load_features(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         mods = json.loads((f.metadata() or {}).get("modalities", "[]"))
     t = load_file(str(path))
     return {m: (t[f"{m}.features"], t[f"{m}.mask"].bool()) for m in mods}
+
+
+def save_collab_folds(path: Path, tables: list[tuple[torch.Tensor, torch.Tensor]], folds: np.ndarray) -> None:
+    """Write the cross-fitted collab tables and user folds (safetensors, temp file + rename)."""
+    tensors = {"user_folds": torch.as_tensor(np.asarray(folds, np.int64))}
+    for k, (x, mask) in enumerate(tables):
+        tensors[f"fold{k}.features"] = x.detach().float().cpu()
+        tensors[f"fold{k}.mask"] = mask.detach().to(torch.uint8).cpu()
+    atomic_save_safetensors(tensors, path, metadata={"folds": str(len(tables))})
+
+
+def load_collab_folds(path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], np.ndarray]:
+    """``(tables, user_folds)`` written by :func:`save_collab_folds`.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: the cross-fitted collab tables of features.sasrec_crossfit are missing")
+    with safe_open(str(path), framework="pt") as f:
+        k = int((f.metadata() or {}).get("folds", "0"))
+    t = load_file(str(path))
+    return [(t[f"fold{i}.features"], t[f"fold{i}.mask"].bool()) for i in range(k)], t["user_folds"].numpy()
 
 
 def compute_features(cfg: Config, prepared: PreparedData, llm: Any, tokenizer: Any, device: torch.device,
@@ -202,6 +237,15 @@ def compute_features(cfg: Config, prepared: PreparedData, llm: Any, tokenizer: A
                 save_sasrec(sas.cpu(), run_dir / SASREC_FEATURES_FILE)
         raw["collab"] = sasrec_item_embeddings(sas, seen)
         info[SASREC_MODEL_KEY] = sas  # for model.user_state=sasrec; popped by build_components
+        if cfg.features.sasrec_crossfit >= 2:
+            from speeder_fast.features.crossfit import crossfit_tables
+
+            tables, folds, cinfo = crossfit_tables(prepared, scfg, cfg.features.sasrec_crossfit, *raw["collab"],
+                                                   device=device, progress=progress)
+            info["sasrec_crossfit"] = cinfo
+            info[CROSSFIT_KEY] = (tables, folds)
+            if run_dir is not None:
+                save_collab_folds(run_dir / COLLAB_FOLDS_FILE, tables, folds)
     feats = {}
     for m in cfg.features.modalities:
         if m not in raw:
@@ -221,14 +265,16 @@ def compute_features(cfg: Config, prepared: PreparedData, llm: Any, tokenizer: A
 def build_components(cfg: Config, run_dir: Path | None = None, features: dict | None = None,
                      added_tokens: list[str] | None = None, device: torch.device | None = None,
                      progress: bool = True, prepared: PreparedData | None = None,
-                     user_encoder: Any = None) -> Components:
+                     user_encoder: Any = None, collab_folds: tuple | None = None) -> Components:
     """Prepare data, load tokenizer + LLM (+ LoRA), build MoME/SPAE (speeder paradigm).
 
     ``features``: precomputed item features (evaluation reloads them from the run); when None and
     the paradigm is ``speeder`` they are computed (and saved to ``run_dir``). ``prepared``: use this
     dataset instead of ``prepare(cfg.data)`` (tests, notebooks). ``user_encoder``: the trained SASRec
     for ``model.user_state=sasrec`` when ``features`` are given (default: :func:`load_user_encoder` from
-    ``run_dir``; with computed features, the SASRec just trained).
+    ``run_dir``; with computed features, the SASRec just trained). ``collab_folds``: ``(tables,
+    user_folds)`` of :func:`load_collab_folds` for a cross-fitted run resumed with ``features`` given
+    (with computed features, the ones just trained); they go to the MoME and ``Components.user_folds``.
 
     Raises:
         ConfigError: no features for any modality; ``model.user_state=sasrec`` with features given and
@@ -270,6 +316,7 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
                               f"{cfg.features.modalities} has features for dataset {prepared.dataset.name} (add one "
                               "it has, e.g. collab, or use paradigm titles/verbose)")
     sas = info.pop(SASREC_MODEL_KEY, None)
+    crossfit = info.pop(CROSSFIT_KEY, collab_folds)
     if cfg.model.user_state == "sasrec":
         user_encoder = user_encoder if user_encoder is not None else sas
         if user_encoder is None:  # features given (resume): the run folder's
@@ -278,7 +325,11 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
                                   "is no run folder to read it from)")
             user_encoder = load_user_encoder(cfg, Path(run_dir))
     model, mods = build_model(cfg, llm, features or {}, prepared, device, user_encoder=user_encoder)
-    return Components(cfg, device, prepared, tok, builder, model, mods, info)
+    user_folds = None
+    if crossfit is not None and model.mome is not None:
+        tables, user_folds = crossfit
+        model.mome.set_collab_folds(tables, user_folds)
+    return Components(cfg, device, prepared, tok, builder, model, mods, info, user_folds=user_folds)
 
 
 def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, device: torch.device,
@@ -454,7 +505,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
     model scores fused with the run's SASRec (:func:`speeder_fast.training.fusion.attach_fusion`: a
     missing ``sasrec.safetensors``, or ``sasrec_fusion.json`` for ``auto``, raises FileNotFoundError);
     ``sasrec_fusion`` (``off`` | ``auto`` | a weight) overrides it, ``auto`` then picking the weight on the
-    validation split now without writing it to the run folder."""
+    validation split now without writing it to the run folder. A cross-fitted run
+    (``features.sasrec_crossfit``) reads its fold tables from ``collab_folds.safetensors`` (missing:
+    FileNotFoundError) and scores each user through its own fold, as in training."""
     from speeder_fast.checkpoint import refuse_checkpoint_dir
 
     run_dir = Path(run_dir)
@@ -484,8 +537,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | None 
 
     loaded = load_checkpoint(ck.parent)  # verifies the manifest first: a corrupt file raises CheckpointError naming it
     user_encoder = load_user_encoder(cfg, run_dir) if cfg.model.user_state == "sasrec" else None
+    # cross-fitted runs score each user through its own fold's collab table, as in training
+    folds = load_collab_folds(run_dir / COLLAB_FOLDS_FILE) if cfg.features.sasrec_crossfit >= 2 else None
     comp = build_components(cfg, run_dir=None, features=feats, added_tokens=adds, prepared=prepared,
-                            user_encoder=user_encoder)
+                            user_encoder=user_encoder, collab_folds=folds)
     load_weights(comp, loaded)
     comp.trained_precision = trained_precision
     if cfg.model.sasrec_fusion != "off" or sasrec_fusion is not None:  # scoring-time fusion with RUN/sasrec.safetensors
