@@ -117,6 +117,9 @@ def rows_for(steps: int) -> dict[str, list[str]]:
         "speeder-item-crossfit": speeder + ["features.sasrec_crossfit=4", joint],
         "speeder-item-crossfit-fusion": speeder + ["features.sasrec_crossfit=4", "model.sasrec_fusion=auto", joint],
         "speeder-item-crossfit-fusion-2ep": speeder + ["features.sasrec_crossfit=4", "model.sasrec_fusion=auto", last2],
+        "speeder-item-crossfit-fusion-2ep-collab": speeder + [
+            'features.modalities=["collab"]', "features.sasrec_crossfit=4", "model.sasrec_fusion=auto",
+            "train.stages=" + json.dumps([{"modalities": ["collab"], "epochs": 2.0, "max_steps": 0, "lr": LR}])],
         # every position of each user's last window held out of the collab encoder (holdout = max_history)
         "speeder-item-holdout-window-fusion": speeder + [
             "data.last_window_only=true", "features.sasrec_holdout=10", "model.sasrec_fusion=auto", last2],
