@@ -374,3 +374,36 @@ def test_a_presets_crossfit_and_fusion_are_left_off_where_they_cannot_apply(monk
     toml.write_text('[prompt]\nparadigm = "titles"\n[model]\nsasrec_fusion = "auto"\n')  # chosen by the file
     with pytest.raises(ConfigError, match="model.sasrec_fusion needs"):
         C.resolve("cf", toml)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fold_scores_and_loss_equal_the_cpu_model(llm_dir):
+    """On CUDA a batch of fold k trains and scores through fold k's table as on the CPU (the loss,
+    ``model.score`` and the static scorer, fold tables moved with the module)."""
+    from speeder_fast.model.item_head import ItemHead
+    from speeder_fast.model.llm import ItemLossSettings, SpeederRecModel
+    from speeder_fast.model.static import StaticScorer
+
+    _, prepared, builder, model = tiny.make_rec_model(llm_dir, mode="item")
+    prepared = prepared.with_sequence_windows(5)
+    m = SpeederRecModel(model.llm, model.mome, model.positions, item_head=ItemHead(64, prepared.dataset.n_items))
+    m.item_loss = ItemLossSettings()
+    m.mome.set_collab_folds(_tables(m.mome))
+    tr, te = prepared.train, prepared.test
+    batch = builder.build(tr.histories[:4], tr.lengths[:4], None, tr.targets[:4], with_answer=True)
+    batch.fold = 1
+    ev = builder.build(te.histories[:8], te.lengths[:8], None, None, with_answer=False)
+    ev.fold = 0
+    loss = m(batch).detach()
+    m.eval()
+    with torch.no_grad():
+        ref = m.score(ev)
+        g = m.to("cuda")
+        evc = ev.to("cuda")
+        got = g.score(evc).cpu()
+        static = StaticScorer(g, batch_size=8, length_multiple=32, compile="static", pad_id=builder.pad_id)(evc).cpu()
+    g.train()
+    torch.testing.assert_close(g(batch.to("cuda")).detach().cpu(), loss, rtol=2e-3, atol=2e-3)
+    for other in (got, static):
+        torch.testing.assert_close(other, ref, rtol=2e-3, atol=2e-3)
