@@ -185,7 +185,8 @@ def load_collab_folds(path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: the cross-fitted collab tables of features.sasrec_crossfit are missing")
+        raise FileNotFoundError(f"{path}: the cross-fitted collab tables of features.sasrec_crossfit are missing "
+                                "(the run wrote them before training; copy the whole run folder, or train again)")
     with safe_open(str(path), framework="pt") as f:
         k = int((f.metadata() or {}).get("folds", "0"))
     t = load_file(str(path))
@@ -329,6 +330,8 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     if crossfit is not None and model.mome is not None:
         tables, user_folds = crossfit
         model.mome.set_collab_folds(tables, user_folds)
+        log.info("cross-fitted collab features: %d folds; every batch reads the table of its users' fold, in "
+                 "training and scoring", len(tables))
     return Components(cfg, device, prepared, tok, builder, model, mods, info, user_folds=user_folds)
 
 
