@@ -596,17 +596,21 @@ def resolve(preset: str | None = None, toml: str | Path | None = None, sets: Seq
 SPEEDER_ITEM_ONLY = ("features.sasrec_crossfit", "model.sasrec_fusion")
 
 
+def _crossfit_clashes(cfg: Config) -> list[str]:
+    """The options of ``cfg`` that cannot go with ``features.sasrec_crossfit`` (each reads one collab
+    table for every training example, or plans batches across folds)."""
+    return [name for name, on in (("features.sasrec_holdout", cfg.features.sasrec_holdout > 0),
+                                  ("model.user_state=sasrec", cfg.model.user_state == "sasrec"),
+                                  ("model.head_collab_dot", cfg.model.head_collab_dot),
+                                  ("train.max_tokens_per_batch", cfg.train.max_tokens_per_batch > 0)) if on]
+
+
 def _inapplicable(cfg: Config, key: str) -> str:
     """Why ``key`` (of :data:`SPEEDER_ITEM_ONLY`) cannot apply to ``cfg`` ("" when it can)."""
     if cfg.prompt.paradigm != "speeder" or cfg.prompt.answer_mode != "item" or "collab" not in cfg.features.modalities:
         return "it needs speeder prompts, answer_mode=item and the collab modality"
-    if key == "features.sasrec_crossfit":
-        for name, on in (("features.sasrec_holdout", cfg.features.sasrec_holdout > 0),
-                         ("model.user_state=sasrec", cfg.model.user_state == "sasrec"),
-                         ("model.head_collab_dot", cfg.model.head_collab_dot),
-                         ("train.max_tokens_per_batch", cfg.train.max_tokens_per_batch > 0)):
-            if on:
-                return f"the run sets {name}"
+    if key == "features.sasrec_crossfit" and _crossfit_clashes(cfg):
+        return f"the run sets {', '.join(_crossfit_clashes(cfg))}"
     if key == "model.sasrec_fusion" and cfg.data.max_history > USER_STATE_MAX_HISTORY:
         return f"data.max_history > {USER_STATE_MAX_HISTORY}"
     return ""
@@ -684,10 +688,7 @@ def validate(cfg: Config) -> None:
             errs.append("features.sasrec_crossfit needs prompt.paradigm=speeder, prompt.answer_mode=item and the "
                         f"collab modality (got {cfg.prompt.paradigm}, {cfg.prompt.answer_mode}, "
                         f"{cfg.features.modalities})")
-        clash = [name for name, on in (("features.sasrec_holdout", cfg.features.sasrec_holdout > 0),
-                                       ("model.user_state=sasrec", cfg.model.user_state == "sasrec"),
-                                       ("model.head_collab_dot", cfg.model.head_collab_dot),
-                                       ("train.max_tokens_per_batch", cfg.train.max_tokens_per_batch > 0)) if on]
+        clash = _crossfit_clashes(cfg)
         if clash:
             errs.append(f"features.sasrec_crossfit cannot be combined with {', '.join(clash)} (they read one "
                         "collab table for every training example, or plan batches across folds)")

@@ -262,7 +262,7 @@ def test_crossfit_run_trains_each_batch_on_its_fold_resumes_and_evaluates(llm_di
     def spy_next(self, *a, **kw):
         batch, w = real_next(self, *a, **kw)
         users = self.comp.prepared.train.users[self.last_indices]
-        folds_of_batches.append((batch.fold, set(self.comp.user_folds[users].tolist())))
+        folds_of_batches.append((batch.fold, set(self.comp.model.mome.user_folds[users].tolist())))
         return batch, w
 
     monkeypatch.setattr(B.MicroBatches, "next", spy_next)
@@ -279,7 +279,7 @@ def test_crossfit_run_trains_each_batch_on_its_fold_resumes_and_evaluates(llm_di
     tables, folds = load_collab_folds(run / COLLAB_FOLDS_FILE)
     assert len(tables) == 3 and len(folds_of_batches) == 2
     res = train(cfg, run_dir=run, progress=False, resume=True)  # steps 3 and 4, from the saved tables
-    assert np.array_equal(folds, res.components.user_folds)
+    assert np.array_equal(folds, res.components.model.mome.user_folds)
     assert len(folds_of_batches) == 4 and all(f is not None and s == {f} for f, s in folds_of_batches)
     assert {f for f, train_mode in reads if train_mode} == {f for f, _ in folds_of_batches}  # the batches' folds
     assert {f for f, train_mode in reads if not train_mode} == {0, 1, 2}  # validation: each user's own fold

@@ -180,8 +180,9 @@ class MicroBatches:
             costs every example at the longer of its soft-token and text-only prompt, so the budget
             holds whichever form the draw picks.
 
-    With ``comp.user_folds`` (cross-fitting, ``features.sasrec_crossfit``) the stream is a
-    :class:`FoldBlockedSampler` over the rows' user folds, and every batch carries its ``fold``.
+    With cross-fitted collab tables in the model's MoME (``features.sasrec_crossfit``: its
+    ``user_folds``) the stream is a :class:`FoldBlockedSampler` over the rows' user folds, and every
+    batch carries its ``fold``.
 
     Raises:
         ValueError: ``max_tokens < 0``; ``max_tokens > 0`` with cross-fitting.
@@ -197,13 +198,13 @@ class MicroBatches:
         self.max_tokens = int(max_tokens)
         self.curriculum = bool(curriculum)
         #: cross-fitting: each training row's collab fold (its user's); every batch then holds one fold
-        self.row_folds = None
-        user_folds = getattr(comp, "user_folds", None)
-        if user_folds is not None:
+        from speeder_fast.features.crossfit import row_folds
+
+        self.row_folds = row_folds(comp.model, comp.prepared.train.users)
+        if self.row_folds is not None:
             if self.max_tokens > 0:
                 raise ValueError("cross-fitted batches (features.sasrec_crossfit) are counted in examples: "
                                  "train.max_tokens_per_batch must be 0")
-            self.row_folds = np.asarray(user_folds)[comp.prepared.train.users]
             self.sampler = FoldBlockedSampler(self.row_folds, world_size, rank, shuffle=True, seed=seed,
                                               batch_size=batch_size)
         else:

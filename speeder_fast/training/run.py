@@ -134,9 +134,6 @@ class Components:
     #: the SASRec fusion of the model (:func:`speeder_fast.training.fusion.attach_fusion`: weight, source,
     #: and the validation grid when tuned); None without one
     fusion_info: dict | None = None
-    #: cross-fitting (``features.sasrec_crossfit``): each user's collab fold (int64 ``[n_users]``), whose
-    #: table the MoME holds (training batches hold one fold; scoring reads each user's); None without it
-    user_folds: np.ndarray | None = None
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -275,7 +272,7 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
     for ``model.user_state=sasrec`` when ``features`` are given (default: :func:`load_user_encoder` from
     ``run_dir``; with computed features, the SASRec just trained). ``collab_folds``: ``(tables,
     user_folds)`` of :func:`load_collab_folds` for a cross-fitted run resumed with ``features`` given
-    (with computed features, the ones just trained); they go to the MoME and ``Components.user_folds``.
+    (with computed features, the ones just trained); they go to the MoME (:meth:`MoME.set_collab_folds`).
 
     Raises:
         ConfigError: no features for any modality; ``model.user_state=sasrec`` with features given and
@@ -326,13 +323,12 @@ def build_components(cfg: Config, run_dir: Path | None = None, features: dict | 
                                   "is no run folder to read it from)")
             user_encoder = load_user_encoder(cfg, Path(run_dir))
     model, mods = build_model(cfg, llm, features or {}, prepared, device, user_encoder=user_encoder)
-    user_folds = None
     if crossfit is not None and model.mome is not None:
         tables, user_folds = crossfit
         model.mome.set_collab_folds(tables, user_folds)
         log.info("cross-fitted collab features: %d folds; every batch reads the table of its users' fold, in "
                  "training and scoring", len(tables))
-    return Components(cfg, device, prepared, tok, builder, model, mods, info, user_folds=user_folds)
+    return Components(cfg, device, prepared, tok, builder, model, mods, info)
 
 
 def build_model(cfg: Config, llm: Any, features: dict, prepared: PreparedData, device: torch.device,
