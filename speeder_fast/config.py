@@ -596,6 +596,13 @@ def resolve(preset: str | None = None, toml: str | Path | None = None, sets: Seq
 SPEEDER_ITEM_ONLY = ("features.sasrec_crossfit", "model.sasrec_fusion")
 
 
+def _speeder_item_collab(cfg: Config) -> bool:
+    """True for a speeder-paradigm, item-mode run with the collab modality (what cross-fitting and the
+    SASRec fusion need)."""
+    return (cfg.prompt.paradigm == "speeder" and cfg.prompt.answer_mode == "item"
+            and "collab" in cfg.features.modalities)
+
+
 def _crossfit_clashes(cfg: Config) -> list[str]:
     """The options of ``cfg`` that cannot go with ``features.sasrec_crossfit`` (each reads one collab
     table for every training example, or plans batches across folds)."""
@@ -607,10 +614,11 @@ def _crossfit_clashes(cfg: Config) -> list[str]:
 
 def _inapplicable(cfg: Config, key: str) -> str:
     """Why ``key`` (of :data:`SPEEDER_ITEM_ONLY`) cannot apply to ``cfg`` ("" when it can)."""
-    if cfg.prompt.paradigm != "speeder" or cfg.prompt.answer_mode != "item" or "collab" not in cfg.features.modalities:
+    if not _speeder_item_collab(cfg):
         return "it needs speeder prompts, answer_mode=item and the collab modality"
-    if key == "features.sasrec_crossfit" and _crossfit_clashes(cfg):
-        return f"the run sets {', '.join(_crossfit_clashes(cfg))}"
+    clash = _crossfit_clashes(cfg) if key == "features.sasrec_crossfit" else []
+    if clash:
+        return f"the run sets {', '.join(clash)}"
     if key == "model.sasrec_fusion" and cfg.data.max_history > USER_STATE_MAX_HISTORY:
         return f"data.max_history > {USER_STATE_MAX_HISTORY}"
     return ""
@@ -683,8 +691,7 @@ def validate(cfg: Config) -> None:
     if K == 1 or K < 0:
         errs.append(f"features.sasrec_crossfit must be 0 (off) or >= 2 folds, got {K}")
     elif K >= 2:
-        if (cfg.prompt.paradigm != "speeder" or cfg.prompt.answer_mode != "item"
-                or "collab" not in cfg.features.modalities):
+        if not _speeder_item_collab(cfg):
             errs.append("features.sasrec_crossfit needs prompt.paradigm=speeder, prompt.answer_mode=item and the "
                         f"collab modality (got {cfg.prompt.paradigm}, {cfg.prompt.answer_mode}, "
                         f"{cfg.features.modalities})")
